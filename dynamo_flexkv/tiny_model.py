@@ -33,7 +33,10 @@ WORDS = (
 
 def _corpus(lines: int = 4000) -> list[str]:
     rng = random.Random(SEED)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))) + "." for _ in range(lines)]
+    # Seeded pseudo-words next to the real ones give BPE enough distinct merges to fill the vocab.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = WORDS + ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(3000)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 24))) + "." for _ in range(lines)]
 
 
 def build_tokenizer(out: Path) -> int:

@@ -1,0 +1,1 @@
+"""Thin adapters to vLLM and Dynamo; their types never leak below this package."""

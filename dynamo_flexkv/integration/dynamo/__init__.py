@@ -1,0 +1,1 @@
+"""Dynamo adapter: router-visible KV events and the legacy worker launcher."""

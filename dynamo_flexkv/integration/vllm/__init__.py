@@ -1,0 +1,1 @@
+"""vLLM KV-connector adapter (scheduler role + worker role) and plugin registration."""

@@ -1,0 +1,133 @@
+"""`FlexKVConnector`: the vLLM KV connector of dynamo-flexkv, one class for both roles.
+
+It subclasses vLLM's own `FlexKVConnectorV1` so `isinstance` checks for FlexKV (kvbm's PdConnector)
+accept it, but never calls that class's constructor, which imports Tencent's `flexkv` package.
+Every method vLLM's class defines is overridden here. The scheduler role delegates to
+`SchedulerSide`, the worker role to `WorkerSide`; this file only adapts vLLM's calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.flexkv_connector import FlexKVConnectorV1
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from dynamo_flexkv.config import load_settings
+from dynamo_flexkv.integration.vllm.instance import describe_instance
+from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
+from dynamo_flexkv.integration.vllm.stats import FlexKVStats
+from dynamo_flexkv.logs import configure_logging
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class FlexKVConnector(FlexKVConnectorV1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        KVConnectorBase_V1.__init__(self, vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        # Validate every setting first: a bad value fails here, before vLLM allocates its KV cache.
+        settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
+        configure_logging(settings.log_level)
+        facts = describe_instance(vllm_config, kv_cache_config, settings)
+        self._scheduler = None
+        self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from dynamo_flexkv.integration.vllm.scheduler import SchedulerSide
+
+            kv_events = vllm_config.kv_events_config
+            publish = bool(kv_events and kv_events.enable_kv_cache_events)
+            self._scheduler = SchedulerSide(facts, settings.eviction_policy, publish_events=publish)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            from dynamo_flexkv.integration.vllm.worker import WorkerSide
+
+            self._worker = WorkerSide(facts, get_tensor_model_parallel_rank(), kv_cache_config.num_blocks)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a dropped save is only a future cache miss
+
+    # --- scheduler role ------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._scheduler.build_connector_meta()
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler.request_finished(request, block_ids)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        return self._scheduler.take_events() if self._scheduler else ()
+
+    def reset_cache(self) -> bool | None:
+        return self._scheduler.reset_cache() if self._scheduler else None
+
+    # --- worker role ---------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, FlexKVStepMetadata)
+        self._worker.start_loads(metadata)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete between steps (async), not per layer
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        return  # saves happen when a request finishes, for whole blocks
+
+    def wait_for_save(self) -> None:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, FlexKVStepMetadata)
+        self._worker.start_saves(metadata)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker.get_finished()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker else set()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self._worker.take_report() if self._worker else None
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self._worker.take_stats() if self._worker else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return FlexKVStats.from_data(data)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()

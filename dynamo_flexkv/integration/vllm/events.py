@@ -1,0 +1,73 @@
+"""Turns the index's tier events into vLLM KV events that Dynamo's KV router indexes.
+
+The router drops a BlockStored without token ids or with a block size other than vLLM's, and it chains
+lower-tier blocks onto the worker's GPU events by hash. So every event carries vLLM's own block
+hashes (converted exactly as vLLM converts its GPU-event hashes), the parent hash, the block's tokens
+and vLLM's block size — and is emitted only after the bytes landed (the index emits `Stored` on
+commit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+from dynamo_flexkv.index.engine import Cleared, Removed, Stored, TierEvent
+
+MEDIUM_OF_TIER = {"CPU": "CPU", "SSD": "STORAGE"}
+
+
+class EventTranslator:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        # key -> token ids, for blocks stored or being stored in some tier
+        self._tokens: dict[bytes, Sequence[int]] = {}
+
+    def remember(self, keys: Sequence[bytes], tokens: Sequence[Sequence[int]]) -> None:
+        self._tokens.update(zip(keys, tokens))
+
+    def forget(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self._tokens.pop(key, None)
+
+    def translate(self, events: Iterable[TierEvent]) -> list[KVCacheEvent]:
+        out: list[KVCacheEvent] = []
+        for event in events:
+            medium = MEDIUM_OF_TIER[event.tier]
+            if isinstance(event, Stored):
+                out.extend(self._stored(event.keys, event.parents, medium))
+            elif isinstance(event, Removed):
+                out.append(BlockRemoved(block_hashes=[maybe_convert_block_hash(k) for k in event.keys], medium=medium))
+                self.forget(event.keys)
+            elif isinstance(event, Cleared):
+                out.append(AllBlocksCleared())
+                self._tokens.clear()
+        return out
+
+    def _stored(self, keys: Sequence[bytes], parents: Sequence[bytes | None], medium: str) -> list[BlockStored]:
+        """One BlockStored per run of keys that chain parent -> child, as vLLM emits them."""
+        events, run, run_parent = [], [], None
+        for key, parent in zip(keys, parents):
+            if run and parent != run[-1]:
+                events.append(self._block_stored(run, run_parent, medium))
+                run = []
+            if not run:
+                run_parent = parent
+            run.append(key)
+        if run:
+            events.append(self._block_stored(run, run_parent, medium))
+        return events
+
+    def _block_stored(self, run: list[bytes], parent: bytes | None, medium: str) -> BlockStored:
+        return BlockStored(
+            block_hashes=[maybe_convert_block_hash(k) for k in run],
+            parent_block_hash=None if parent is None else maybe_convert_block_hash(parent),
+            token_ids=[t for k in run for t in self._tokens[k]],
+            block_size=self.block_size,
+            lora_id=None,
+            medium=medium,
+            lora_name=None,
+            group_idx=0,
+        )

@@ -1,0 +1,56 @@
+"""Facts about this vLLM instance that both connector roles must agree on, derived from its config.
+
+The scheduler process and every worker compute these independently from the same (pickled)
+`VllmConfig`, so they need no handshake: the pool's name and geometry come out identical.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from vllm.config import VllmConfig
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig
+
+from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.storage.layout import PoolGeometry
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    identity: str  # names the shared-memory pool (and later the SSD files) of this instance
+    block_size: int  # tokens per vLLM block
+    geometry: PoolGeometry
+    model: str
+    kv_dtype: str
+
+
+def describe_instance(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, settings: FlexKVSettings
+) -> InstanceFacts:
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError("dynamo-flexkv does not support pipeline parallelism yet (pipeline_parallel_size > 1)")
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
+        raise ValueError(
+            "dynamo-flexkv supports models with one attention KV-cache group; this model has "
+            f"{[type(g.kv_cache_spec).__name__ for g in groups]}"
+        )
+    spec = groups[0].kv_cache_spec
+    shard_bytes = spec.page_size_bytes * len(groups[0].layer_names)
+    geometry = PoolGeometry.for_capacity(
+        settings.cpu_cache_bytes, shard_bytes, parallel.tensor_parallel_size
+    )
+    if settings.server_recv_port:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.server_recv_port)
+    else:
+        base = vllm_config.kv_transfer_config.engine_id
+    identity = f"dynamo-flexkv-{base}-dp{parallel.data_parallel_rank}"
+    return InstanceFacts(
+        identity=identity,
+        block_size=spec.block_size,
+        geometry=geometry,
+        model=str(vllm_config.model_config.model),
+        kv_dtype=str(spec.dtype).removeprefix("torch."),
+    )

@@ -1,0 +1,39 @@
+"""What the scheduler-role connector tells the workers each step, and what they report back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+
+@dataclass(frozen=True)
+class BlockTransfer:
+    """Copy the blocks of one request: `block_ids[i]` (vLLM cache) <-> `slots[i]` (CPU pool)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    slots: tuple[int, ...]
+
+
+@dataclass
+class FlexKVStepMetadata(KVConnectorMetadata):
+    loads: list[BlockTransfer] = field(default_factory=list)  # pool -> vLLM cache
+    saves: list[BlockTransfer] = field(default_factory=list)  # vLLM cache -> pool
+
+
+@dataclass
+class FlexKVWorkerReport(KVConnectorWorkerMetadata):
+    """Transfers a worker could not complete; merged over TP ranks (any rank failing fails it)."""
+
+    failed_loads: set[str] = field(default_factory=set)
+    failed_saves: set[str] = field(default_factory=set)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, FlexKVWorkerReport)
+        return FlexKVWorkerReport(
+            self.failed_loads | other.failed_loads, self.failed_saves | other.failed_saves
+        )

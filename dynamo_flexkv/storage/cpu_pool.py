@@ -1,0 +1,64 @@
+"""The CPU tier's bytes: one shared-memory region of fixed-size slots.
+
+The region is a file in /dev/shm named after the vLLM instance, so the scheduler process and every
+TP worker map the same bytes without any IPC handshake: whoever comes first creates it, the others
+open it. Each slot is `PoolGeometry.slot_bytes` long and starts at a page boundary (mmap'd), so a slot
+doubles as an O_DIRECT buffer for the SSD tier. Pages are committed lazily by the kernel on first
+touch, so a large `cpu_cache_gb` costs nothing until blocks are stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from dynamo_flexkv.storage.layout import PoolGeometry
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+
+
+class CpuBlockPool:
+    """A `[num_slots, slot_bytes]` uint8 tensor over a named shared-memory file."""
+
+    def __init__(self, name: str, geometry: PoolGeometry, shm_dir: Path = SHM_DIR):
+        if geometry.num_slots <= 0:
+            raise ValueError(
+                f"the CPU tier has no room for a single block ({geometry.slot_bytes} bytes per block): "
+                "raise cpu_cache_gb"
+            )
+        self.name = name
+        self.geometry = geometry
+        self.path = shm_dir / name
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size not in (0, geometry.total_bytes):
+                raise ValueError(
+                    f"shared-memory pool {self.path} exists with {size} bytes, expected "
+                    f"{geometry.total_bytes}: another instance uses the same identity "
+                    "(unset FLEXKV_SERVER_RECV_PORT or give each instance its own)"
+                )
+            os.ftruncate(fd, geometry.total_bytes)
+            self._mmap = mmap.mmap(fd, geometry.total_bytes, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
+            geometry.num_slots, geometry.slot_bytes
+        )
+        logger.info(
+            "cpu pool %s: %d slots x %d bytes (%.2f GiB)",
+            name, geometry.num_slots, geometry.slot_bytes, geometry.total_bytes / 2**30,
+        )
+
+    def unlink(self) -> None:
+        """Remove the name; mappings that other processes still hold stay valid."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

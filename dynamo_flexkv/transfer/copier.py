@@ -1,0 +1,67 @@
+"""Moves whole blocks between vLLM's paged KV cache and this rank's region of the CPU pool.
+
+A transfer is a batch of (vLLM block id, pool slot) pairs. It runs as one gather plus one scatter
+over all layers when the layout is uniform (see `KVCacheLayout.stacked`), otherwise as one gather
+and scatter per segment — never as a Python loop over blocks.
+
+`make_copier` picks the primitive by the cache's device: this module's `BlockCopier` for host-memory
+caches, `cuda_copier.CudaBlockCopier` (same interface, bus-speed copies on side streams) on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
+
+
+class BlockCopier:
+    """Batched block copies for one TP rank (host-memory caches: the CPU build of vLLM)."""
+
+    def __init__(self, layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int):
+        self.layout = layout
+        self.rank = rank
+        if layout.stacked is not None:
+            self._cache_views = [layout.stacked]
+            self._pool_views = [layout.stacked_shard_view(pool, geometry, rank)]
+        else:
+            self._cache_views = [seg for seg in layout.segments]
+            self._pool_views = layout.shard_view(pool, geometry, rank)
+        self.block_bytes = layout.shard_bytes
+
+    @staticmethod
+    def _index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+        return torch.as_tensor(ids, dtype=torch.long, device=device)
+
+    def save(self, block_ids: Sequence[int], slots: Sequence[int]) -> int:
+        """vLLM cache -> pool. Returns bytes moved."""
+        src = self._index(block_ids, self.layout.device)
+        dst = self._index(slots, torch.device("cpu"))
+        for cache, pool in zip(self._cache_views, self._pool_views):
+            pool.index_copy_(0, dst, cache.index_select(0, src).to("cpu"))
+        return len(block_ids) * self.block_bytes
+
+    def load(self, slots: Sequence[int], block_ids: Sequence[int]) -> int:
+        """Pool -> vLLM cache. Returns bytes moved."""
+        src = self._index(slots, torch.device("cpu"))
+        dst = self._index(block_ids, self.layout.device)
+        for cache, pool in zip(self._cache_views, self._pool_views):
+            cache.index_copy_(0, dst, pool.index_select(0, src).to(cache.device))
+        return len(block_ids) * self.block_bytes
+
+
+def make_copier(
+    layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int, **cuda_options
+) -> BlockCopier:
+    """The copier for this rank's caches: `CudaBlockCopier` on a CUDA device, else `BlockCopier`.
+
+    `cuda_options` (method, staging_bytes, max_programs, pin) only apply on CUDA. On CUDA the pool is
+    pinned here if nobody pinned it yet (`storage.pinning.pin_host_memory`, idempotent).
+    """
+    if layout.device.type == "cuda":
+        from dynamo_flexkv.transfer.cuda_copier import CudaBlockCopier
+
+        return CudaBlockCopier(layout, pool, geometry, rank, **cuda_options)
+    return BlockCopier(layout, pool, geometry, rank)

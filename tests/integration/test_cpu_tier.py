@@ -1,0 +1,91 @@
+"""The CPU tier inside a real vLLM engine (CPU build) with the tiny model.
+
+Each engine runs in its own process (see dynamo_flexkv.harness). The reference engine has no
+connector; every FlexKV engine must produce token-for-token the same greedy outputs.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dynamo_flexkv.harness import EngineHost
+from tests.conftest import random_prompt
+
+pytestmark = pytest.mark.engine
+
+BLOCK = 32
+GPU_BLOCKS = 24  # a small "GPU" cache, so eviction really happens
+ENGINE = dict(
+    enforce_eager=True,
+    enable_prefix_caching=True,
+    block_size=BLOCK,
+    num_gpu_blocks_override=GPU_BLOCKS,
+    max_model_len=512,
+    max_num_batched_tokens=1024,
+    max_num_seqs=32,
+    dtype="bfloat16",
+    seed=0,
+)
+COMPAT_CONFIG = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both"}
+LENGTHS = [70, 96, 200, 333]  # block-aligned and ragged tails
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    with EngineHost(tiny_model, ENGINE) as host:
+        yield host
+
+
+@pytest.fixture(scope="module")
+def flexkv(tiny_model):
+    """Started with nothing but the documented FlexKV connector name."""
+    with EngineHost(tiny_model, {**ENGINE, "kv_transfer_config": COMPAT_CONFIG},
+                    env={"FLEXKV_CPU_CACHE_GB": "0.25"}) as host:
+        yield host
+
+
+def push_out_of_gpu_cache(host: EngineHost, rng: random.Random) -> None:
+    """Fill vLLM's small cache with unrelated prompts, twice over."""
+    host.generate([random_prompt(rng, GPU_BLOCKS * BLOCK // 2) for _ in range(4)], max_tokens=2, one_at_a_time=True)
+
+
+def test_compat_name_resolves_to_our_connector(flexkv):
+    state = flexkv.flexkv_state()
+    assert state["connector"] == "dynamo_flexkv.integration.vllm.connector.FlexKVConnector"
+    from vllm.distributed.kv_transfer.kv_connector.v1.flexkv_connector import FlexKVConnectorV1
+
+    from dynamo_flexkv.integration.vllm.connector import FlexKVConnector
+
+    assert issubclass(FlexKVConnector, FlexKVConnectorV1)
+
+
+def test_evicted_prompts_are_served_from_cpu_tier(reference, flexkv):
+    rng = random.Random(1)
+    prompts = [random_prompt(rng, n) for n in LENGTHS]
+    expected = reference.generate(prompts, max_tokens=12, one_at_a_time=True)
+
+    first = flexkv.generate(prompts, max_tokens=12, one_at_a_time=True)
+    assert [c.token_ids for c in first] == [c.token_ids for c in expected]
+    assert all(c.flexkv_tokens == 0 for c in first)
+
+    push_out_of_gpu_cache(flexkv, rng)
+    again = flexkv.generate(prompts, max_tokens=12, one_at_a_time=True)
+    for prompt, completion, want in zip(prompts, again, expected):
+        full_blocks = len(prompt) // BLOCK
+        assert completion.flexkv_tokens == full_blocks * BLOCK, (len(prompt), completion)
+        assert completion.num_cached_tokens >= full_blocks * BLOCK - 1
+        assert completion.token_ids == want.token_ids, f"prompt of {len(prompt)} tokens diverged"
+
+
+def test_shared_prefix_concurrency_matches_reference(reference, flexkv):
+    rng = random.Random(2)
+    stems = [random_prompt(rng, 150) for _ in range(4)]
+    prompts = [stems[i % 4] + random_prompt(rng, 20 + 7 * i) for i in range(32)]
+    want = reference.generate(prompts, max_tokens=6)
+    flexkv.generate(prompts[:4], max_tokens=2)  # seeds the CPU tier with the stems
+    push_out_of_gpu_cache(flexkv, rng)
+    got = flexkv.generate(prompts, max_tokens=6)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert flexkv.flexkv_state()["counters"]["loaded_tokens"] > 0
