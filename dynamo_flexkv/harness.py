@@ -144,7 +144,7 @@ def _generate(engine, side, prompts: list[list[int]], max_tokens: int, one_at_a_
     batches = [[i] for i in range(len(prompts))] if one_at_a_time else [list(range(len(prompts)))]
     results: dict[int, dict[str, Any]] = {}
     for batch in batches:
-        loaded_before = side.counters.loaded_tokens if side else 0
+        loaded_before = side.loaded_tokens if side else 0
         start = time.perf_counter()
         first_token: dict[int, float] = {}
         for i in batch:
@@ -160,7 +160,7 @@ def _generate(engine, side, prompts: list[list[int]], max_tokens: int, one_at_a_
                         "num_cached_tokens": out.num_cached_tokens or 0,
                         "ttft_s": first_token.get(i, 0.0),
                     }
-        loaded = (side.counters.loaded_tokens if side else 0) - loaded_before
+        loaded = (side.loaded_tokens if side else 0) - loaded_before
         for i in batch:
             results[i]["flexkv_tokens"] = loaded if len(batch) == 1 else 0
         if side:
@@ -196,6 +196,6 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
         "connector": type(connector).__module__ + "." + type(connector).__name__,
         "cpu_slots": tier.num_slots,
         "cpu_used": tier.num_used,
-        "counters": vars(side.counters).copy(),
+        "loaded_tokens": side.loaded_tokens,
         "engine_stats": vars(side.engine.snapshot()),
     }

@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from dynamo_flexkv.config import load_settings
 from dynamo_flexkv.integration.vllm.instance import describe_instance
 from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
-from dynamo_flexkv.integration.vllm.stats import FlexKVStats
+from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
 from dynamo_flexkv.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -122,11 +122,16 @@ class FlexKVConnector(FlexKVConnectorV1):
         return self._worker.take_report() if self._worker else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        return self._worker.take_stats() if self._worker else None
+        side = self._worker or self._scheduler
+        return side.take_stats()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
-        return FlexKVStats.from_data(data)
+        return FlexKVStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return FlexKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

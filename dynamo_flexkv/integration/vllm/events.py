@@ -43,7 +43,7 @@ class EventTranslator:
                 self.forget(event.keys)
             elif isinstance(event, Cleared):
                 out.append(AllBlocksCleared())
-                self._tokens.clear()
+                self.forget(event.keys)  # stores still in flight keep their tokens
         return out
 
     def _stored(self, keys: Sequence[bytes], parents: Sequence[bytes | None], medium: str) -> list[BlockStored]:

@@ -28,7 +28,7 @@ from dynamo_flexkv.index.tier import TierIndex
 from dynamo_flexkv.integration.vllm.events import EventTranslator
 from dynamo_flexkv.integration.vllm.instance import InstanceFacts
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
-from dynamo_flexkv.integration.vllm.stats import SchedulerCounters
+from dynamo_flexkv.integration.vllm.stats import FlexKVStats
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class SchedulerSide:
         num_slots = facts.geometry.num_slots
         self.engine = CacheEngine([TierIndex(CPU_TIER, num_slots, make_policy(eviction_policy, num_slots))])
         self.events = EventTranslator(facts.block_size) if publish_events else None
-        self.counters = SchedulerCounters()
+        self.loaded_tokens = 0  # tokens whose load was scheduled, since start
+        self._reported = self.engine.snapshot()
         # request id -> (first block index of the hit, its locked plan), awaiting allocation
         self._matched: dict[str, tuple[int, LoadPlan]] = {}
         self._loading: dict[str, LoadPlan] = {}
@@ -59,7 +60,6 @@ class SchedulerSide:
         first = num_computed_tokens // self.block_size
         keys = request.block_hashes[first:]
         hits = self.engine.lookup(keys) if keys else 0
-        self.counters.record_lookup(len(keys), hits)
         if hits == 0:
             self._release_match(request_id)
             return 0, False
@@ -76,11 +76,13 @@ class SchedulerSide:
             self.engine.cancel_load(request_id)
             return
         first, plan = matched
-        count = min(len(plan.keys), num_external_tokens // self.block_size)
+        count = num_external_tokens // self.block_size
+        if count < len(plan.keys):  # vLLM took less than offered: lock only what will be loaded
+            plan = self.engine.prepare_load(request_id, plan.keys[:count])
         block_ids = blocks.get_block_ids()[0][first : first + count]
-        self._step.loads.append(BlockTransfer(request_id, tuple(block_ids), tuple(plan.slots[:count])))
+        self._step.loads.append(BlockTransfer(request_id, tuple(block_ids), tuple(plan.slots)))
         self._loading[request_id] = plan
-        self.counters.loaded_tokens += count * self.block_size
+        self.loaded_tokens += count * self.block_size
         logger.debug("load scheduled: request=%s blocks=%d from=%s", request_id, count, plan.tier)
 
     def _release_match(self, request_id: str) -> None:
@@ -128,16 +130,13 @@ class SchedulerSide:
                 ok = request_id not in failed_loads
                 self.engine.complete_load(request_id, success=ok, bad_keys=() if ok else plan.keys)
                 if not ok:
-                    self.counters.load_failures += 1
                     logger.warning("load failed, blocks dropped and recomputed: request=%s", request_id)
         for request_id in output.finished_sending or ():
             plan = self._saving.pop(request_id, None)
             if plan is not None:
                 ok = request_id not in failed_saves
                 self.engine.complete_store(request_id, success=ok)
-                if ok:
-                    self.counters.saved_blocks += len(plan.keys)
-                else:
+                if not ok:
                     if self.events is not None:
                         self.events.forget(plan.keys)
                     logger.warning("save failed, slots released: request=%s", request_id)
@@ -152,6 +151,22 @@ class SchedulerSide:
         self.engine.reset()
         logger.info("cache reset: every unlocked block dropped")
         return True
+
+    def take_stats(self) -> FlexKVStats | None:
+        """Hits and evictions since the last call, and the blocks each tier holds now."""
+        now, before = self.engine.snapshot(), self._reported
+        self._reported = now
+        stats = FlexKVStats()
+        for tier, held in now.blocks_held.items():
+            hits = now.hit_blocks[tier] - before.hit_blocks[tier]
+            evicted = now.evicted_blocks[tier] - before.evicted_blocks[tier]
+            if hits:
+                stats.add(f"hit_tokens:{tier}", hits * self.block_size)
+            if evicted:
+                stats.add(f"evicted_blocks:{tier}", evicted)
+            if held != before.blocks_held[tier] or hits or evicted:
+                stats.data[f"held_blocks:{tier}"] = held
+        return None if stats.is_empty() else stats
 
     @property
     def num_inflight(self) -> int:

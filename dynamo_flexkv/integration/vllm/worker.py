@@ -60,13 +60,11 @@ class WorkerSide:
     def get_finished(self) -> tuple[set[str], set[str]]:
         saved, loaded = set(), set()
         for result in self.executor.poll():
-            blocks = result.bytes_moved // self.copier.block_bytes if self.copier else 0
             if result.kind == "load":
                 loaded.add(result.job_id)
                 block_ids = self._load_blocks.pop(result.job_id, ())
                 if result.ok:
-                    self.stats.add("bytes_loaded", result.bytes_moved)
-                    self.stats.add("blocks_loaded", blocks)
+                    self.stats.add("loaded_bytes", result.bytes_moved)
                 else:
                     self._load_errors.update(block_ids)
                     self._report.failed_loads.add(result.job_id)
@@ -74,8 +72,7 @@ class WorkerSide:
             else:
                 saved.add(result.job_id)
                 if result.ok:
-                    self.stats.add("bytes_saved", result.bytes_moved)
-                    self.stats.add("blocks_saved", blocks)
+                    self.stats.add("saved_bytes", result.bytes_moved)
                 else:
                     self._report.failed_saves.add(result.job_id)
                     self.stats.add("failed_saves", 1)
