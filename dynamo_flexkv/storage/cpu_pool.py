@@ -5,10 +5,15 @@ TP worker map the same bytes without any IPC handshake: whoever comes first crea
 open it. Each slot is `PoolGeometry.slot_bytes` long and starts at a page boundary (mmap'd), so a slot
 doubles as an O_DIRECT buffer for the SSD tier. Pages are committed lazily by the kernel on first
 touch, so a large `cpu_cache_gb` costs nothing until blocks are stored.
+
+Every process that maps a pool holds a shared `flock` on it for as long as it lives. A pool file that
+nobody holds a lock on belongs to an instance that died without cleaning up (SIGKILL); the next
+instance to start removes it, so killed engines never leak host memory for long.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -21,6 +26,31 @@ from dynamo_flexkv.storage.layout import PoolGeometry
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+POOL_PREFIX = "dynamo-flexkv-"
+
+
+def sweep_stale_pools(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Remove pool files no live process holds; returns their names."""
+    removed = []
+    for path in shm_dir.glob(POOL_PREFIX + "*"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_size == 0:
+                continue  # being created: its creator locks it right after sizing it
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # in use
+        else:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        finally:
+            os.close(fd)
+    for name in removed:
+        logger.info("removed stale cpu pool %s left by a dead instance", name)
+    return removed
 
 
 class CpuBlockPool:
@@ -34,9 +64,13 @@ class CpuBlockPool:
             )
         self.name = name
         self.geometry = geometry
+        if not name.startswith(POOL_PREFIX):
+            raise ValueError(f"pool names start with {POOL_PREFIX!r}, got {name!r}")
         self.path = shm_dir / name
+        sweep_stale_pools(shm_dir)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held until this process exits: marks the pool in use
             size = os.fstat(fd).st_size
             if size not in (0, geometry.total_bytes):
                 raise ValueError(
@@ -46,8 +80,10 @@ class CpuBlockPool:
                 )
             os.ftruncate(fd, geometry.total_bytes)
             self._mmap = mmap.mmap(fd, geometry.total_bytes, mmap.MAP_SHARED)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._lock_fd = fd
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
             geometry.num_slots, geometry.slot_bytes
         )
