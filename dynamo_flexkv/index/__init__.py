@@ -4,12 +4,14 @@ Pure standard library and bytes-free: keys are vLLM's chained block hashes, valu
 numbers. The data plane executes the plans this package produces and acknowledges them back.
 """
 
-from dynamo_flexkv.index.engine import (
-    CacheEngine,
+from dynamo_flexkv.index.engine import CacheEngine
+from dynamo_flexkv.index.plans import (
     Cleared,
     EngineStats,
     LoadPlan,
     Removed,
+    SpillPlan,
+    Staging,
     Stored,
     StorePlan,
     TierEvent,
@@ -28,6 +30,8 @@ __all__ = [
     "LoadPlan",
     "Removed",
     "Slot",
+    "SpillPlan",
+    "Staging",
     "StorePlan",
     "Stored",
     "TierEvent",

@@ -1,97 +1,48 @@
 """The cache engine: vLLM-facing verbs over the tiers, producing plans as plain data.
 
 The verbs follow vLLM's ``v1/kv_offload`` manager: ``lookup`` -> ``prepare_load`` ->
-``complete_load``, ``prepare_store`` -> ``complete_store``, plus ``touch``, ``reset`` and
-``take_events``. A plan names one tier and the slots to move; the data plane executes it and the
+(``complete_stage``) -> ``complete_load``, ``prepare_store`` -> ``complete_store``, plus
+``prepare_spill`` -> ``complete_spill`` for the cascade into lower tiers, ``touch``, ``reset`` and
+``take_events``. A plan names the tiers and slots to move; the data plane executes it and the
 caller acknowledges it exactly once, which commits or rolls back what the plan reserved.
 
-Tiers are ordered fastest first. Stores land in the first tier (lower tiers are filled by a
-cascade, not by requests). Not thread-safe: vLLM's scheduler is the one caller.
+Tiers are ordered fastest first. Stores land in the first (top) tier; lower tiers are filled by
+spills (write-through from the top tier) and read back by staging into the top tier, from which
+every load reaches the GPU. Not thread-safe: vLLM's scheduler is the one caller.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeAlias
 
-from dynamo_flexkv.index.tier import BlockState, Slot, TierIndex
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPlan:
-    """Copy ``keys`` from ``slots`` of ``tier`` up to the GPU. The blocks stay locked until the
-    plan is completed or cancelled."""
-
-    request_id: str
-    tier: str
-    keys: tuple[bytes, ...]
-    slots: tuple[Slot, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class StorePlan:
-    """Copy ``keys`` from the GPU into ``slots`` of ``tier``. The blocks are invisible until the
-    plan is completed successfully."""
-
-    request_id: str
-    tier: str
-    keys: tuple[bytes, ...]
-    slots: tuple[Slot, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """Blocks whose bytes landed in ``tier``. ``parents[i]`` is the block ``keys[i]`` extends;
-    each parent was announced before (in an earlier event or earlier in this one) unless it has
-    since been removed."""
-
-    tier: str
-    keys: tuple[bytes, ...]
-    parents: tuple[bytes | None, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Removed:
-    """Announced blocks that left ``tier`` (evicted, or dropped as bad)."""
-
-    tier: str
-    keys: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Cleared:
-    """``tier`` was reset: forget every block announced in it. ``keys`` are the blocks the reset
-    removed; blocks in use survive it and get their own Stored/Removed events later."""
-
-    tier: str
-    keys: tuple[bytes, ...] = ()
-
-
-TierEvent: TypeAlias = Stored | Removed | Cleared
-
-
-@dataclass
-class EngineStats:
-    """Counters, cumulative since the engine was built; per-tier ones are keyed by tier name.
-
-    ``CacheEngine.snapshot()`` returns an independent copy; ``blocks_held`` is the one gauge
-    (slots in use, read at snapshot time). Rates are the reader's job: diff two snapshots.
-    """
-
-    lookups: int = 0
-    load_failures: int = 0
-    hit_blocks: dict[str, int] = field(default_factory=dict)  # served by successful loads
-    stored_blocks: dict[str, int] = field(default_factory=dict)  # committed
-    evicted_blocks: dict[str, int] = field(default_factory=dict)  # to make room
-    dropped_blocks: dict[str, int] = field(default_factory=dict)  # reported bad by a load
-    blocks_held: dict[str, int] = field(default_factory=dict)
+from dynamo_flexkv.index.plans import (
+    Cleared,
+    EngineStats,
+    LoadPlan,
+    Removed,
+    SpillPlan,
+    Staging,
+    StorePlan,
+    Stored,
+    TierEvent,
+)
+from dynamo_flexkv.index.tier import BlockState, TierIndex
 
 
 @dataclass(frozen=True, slots=True)
 class _PendingStore:
     plan: StorePlan
     parents: tuple[bytes | None, ...]
+
+
+@dataclass(slots=True)
+class _PendingLoad:
+    plan: LoadPlan
+    first_parent: bytes | None  # the block before keys[0], for staged blocks' Stored events
+    locked: list[bytes] = field(default_factory=list)  # keys this load holds locked in the top tier
+    staging: bool = False  # staged blocks not yet acknowledged by complete_stage
 
 
 class CacheEngine:
@@ -112,8 +63,10 @@ class CacheEngine:
         self._by_name = {tier.name: tier for tier in tiers}
         self._record_events = record_events
         self._events: list[TierEvent] = []
-        self._loads: dict[str, LoadPlan] = {}
+        self._loads: dict[str, _PendingLoad] = {}
         self._stores: dict[str, _PendingStore] = {}
+        self._spills: dict[int, SpillPlan] = {}
+        self._spill_ids = itertools.count(1)
         zero = dict.fromkeys(names, 0)
         self._stats = EngineStats(
             hit_blocks=dict(zero),
@@ -146,36 +99,113 @@ class CacheEngine:
         for tier in self._tiers:
             tier.touch(keys)
 
-    def prepare_load(self, request_id: str, keys: Sequence[bytes]) -> LoadPlan | None:
-        """Lock ``keys`` (a prefix ``lookup`` counted) and return where to read them; None for
-        no keys. A request has at most one load: a second call first releases the previous plan
-        (vLLM's scheduler asks again when its own allocation failed).
+    def prepare_load(
+        self, request_id: str, keys: Sequence[bytes], first_parent: bytes | None = None
+    ) -> LoadPlan | None:
+        """Lock ``keys`` (a prefix ``lookup`` counted) and return where to read them; None if no
+        block can be loaded. A request has at most one load: a second call first releases the
+        previous plan (vLLM's scheduler asks again when its own allocation failed).
 
-        Raises ``ValueError`` if the keys are not all READY in one tier; staging a prefix spread
-        over several tiers is not implemented yet.
+        Blocks READY in the top tier are locked there. Blocks only in a lower tier are locked
+        there and get a top-tier slot (WRITING) to be staged into; ``first_parent`` is the block
+        before ``keys[0]`` (so staged blocks are announced with their true parent). The plan may
+        be shorter than ``keys``: it stops before a block the top tier is still writing or has no
+        room for. ``ValueError`` (nothing locked) if a key is READY in no tier.
         """
         self.cancel_load(request_id)
+        top, lower = self._tiers[0], self._tiers[1:]
+        sources: list[TierIndex | None] = []  # None: already in the top tier
+        for key in keys:
+            if top.is_ready(key):
+                sources.append(None)
+                continue
+            if top.contains(key):
+                break  # being written (or dropped) up there: stop rather than race it
+            source = next((tier for tier in lower if tier.is_ready(key)), None)
+            if source is None:
+                raise ValueError(
+                    f"request {request_id}: block {len(sources)} of {len(keys)} is in no tier "
+                    f"(lookup finds {self.lookup(keys)}); pass what lookup counted"
+                )
+            sources.append(source)
+        keys = list(keys[: len(sources)])
+        resident = [key for key, source in zip(keys, sources) if source is None]
+        slots_of = dict(zip(resident, top.lock(resident)))
+        staged_at = [i for i, source in enumerate(sources) if source is not None]
+        if staged_at:
+            staged_keys = [keys[i] for i in staged_at]
+            parents = [keys[i - 1] if i else first_parent for i in staged_at]
+            result = top.allocate(staged_keys, parents)
+            self._stats.evicted_blocks[top.name] += len(result.evicted)
+            self._announce_removed(top.name, result.evicted)
+            placed = len(result.slots)
+            if placed < len(staged_at):  # no room for the rest: load the prefix before it
+                cut = staged_at[placed]
+                top.unlock([key for key in keys[cut:] if key in slots_of])
+                keys, staged_at = keys[:cut], staged_at[:placed]
+            slots_of.update(zip(staged_keys, result.slots))
         if not keys:
             return None
-        for tier in self._tiers:
-            if tier.match(keys) == len(keys):
-                plan = LoadPlan(request_id, tier.name, tuple(keys), tuple(tier.lock(keys)))
-                self._loads[request_id] = plan
-                return plan
-        best = max(tier.match(keys) for tier in self._tiers)
-        raise ValueError(
-            f"request {request_id}: {len(keys)} blocks are not all available in one tier "
-            f"(the best tier has the first {best}); pass what lookup counted"
-        )
+        staged = []
+        for i in staged_at:
+            source = sources[i]
+            assert source is not None
+            staged.append(Staging(i, source.name, source.lock([keys[i]])[0]))
+        plan = LoadPlan(request_id, top.name, tuple(keys), tuple(slots_of[key] for key in keys), tuple(staged))
+        locked = [key for key, source in zip(keys, sources) if source is None]
+        self._loads[request_id] = _PendingLoad(plan, first_parent, locked, staging=bool(staged))
+        return plan
+
+    def complete_stage(self, request_id: str, ok: Sequence[bool]) -> int:
+        """Acknowledge the staging reads of the request's load; ``ok[i]`` is for ``staged[i]``.
+
+        Good blocks become READY in the top tier (announced; locked for this load). A bad block is
+        dropped from its lower tier (its bytes cannot be trusted) and it and every block after it
+        are not loaded. Returns how many leading blocks of the plan can be loaded.
+        """
+        pending = self._loads[request_id]
+        plan, top = pending.plan, self._tiers[0]
+        if not pending.staging or len(ok) != len(plan.staged):
+            raise ValueError(f"request {request_id}: expected {len(plan.staged)} staging results")
+        pending.staging = False
+        usable = next((s.index for s, good in zip(plan.staged, ok) if not good), len(plan.keys))
+        committed, parents = [], []
+        for staging, good in zip(plan.staged, ok):
+            key = plan.keys[staging.index]
+            source = self._by_name[staging.tier]
+            source.unlock([key])
+            if staging.index < usable:
+                top.commit([key])
+                top.lock([key])
+                pending.locked.append(key)
+                committed.append(key)
+                parents.append(plan.keys[staging.index - 1] if staging.index else pending.first_parent)
+                self._stats.hit_blocks[source.name] += 1
+                continue
+            top.rollback([key])
+            if not good:
+                dropped = source.drop([key])
+                self._stats.dropped_blocks[source.name] += len(dropped)
+                self._announce_removed(source.name, dropped)
+        if committed:
+            self._stats.stored_blocks[top.name] += len(committed)
+            if self._record_events:
+                self._events.append(Stored(top.name, tuple(committed), tuple(parents)))
+        if usable < len(plan.keys):
+            self._stats.load_failures += 1
+        return usable
 
     def complete_load(
         self, request_id: str, success: bool, bad_keys: Sequence[bytes] = ()
     ) -> list[bytes]:
         """Finish the request's load: unlock its blocks. After a failure, ``bad_keys`` (blocks
-        of this plan whose stored bytes cannot be trusted) are dropped from the tier; returns
+        of this plan whose stored bytes cannot be trusted) are dropped from the top tier; returns
         the dropped keys. ``KeyError`` if the request has no load; ``ValueError`` (nothing
-        changed) if a bad key is not in the plan."""
-        plan = self._loads[request_id]
+        changed) if a bad key is not in the plan or staging was not acknowledged."""
+        pending = self._loads[request_id]
+        plan = pending.plan
+        if pending.staging:
+            raise ValueError(f"request {request_id}: complete_stage must come first")
         if bad_keys:
             if success:
                 raise ValueError(f"request {request_id}: bad_keys given for a successful load")
@@ -184,9 +214,10 @@ class CacheEngine:
                 raise ValueError(f"request {request_id}: {len(stray)} bad keys not in its plan")
         del self._loads[request_id]
         tier = self._by_name[plan.tier]
-        tier.unlock(plan.keys)
+        tier.unlock(pending.locked)
         if success:
-            self._stats.hit_blocks[tier.name] += len(plan.keys)
+            staged = {plan.keys[s.index] for s in plan.staged}
+            self._stats.hit_blocks[tier.name] += sum(key not in staged for key in pending.locked)
             return []
         self._stats.load_failures += 1
         dropped = tier.drop(bad_keys)
@@ -195,10 +226,18 @@ class CacheEngine:
         return dropped
 
     def cancel_load(self, request_id: str) -> None:
-        """Release the request's load plan without loading it; no-op if it has none."""
-        plan = self._loads.pop(request_id, None)
-        if plan is not None:
-            self._by_name[plan.tier].unlock(plan.keys)
+        """Release the request's load plan without loading it; no-op if it has none. Only before
+        its staging reads were issued: their slots are freed here."""
+        pending = self._loads.pop(request_id, None)
+        if pending is None:
+            return
+        plan, top = pending.plan, self._tiers[0]
+        top.unlock(pending.locked)
+        if pending.staging:
+            for staging in plan.staged:
+                key = plan.keys[staging.index]
+                self._by_name[staging.tier].unlock([key])
+                top.rollback([key])
 
     # ---- stores --------------------------------------------------------------------------
 
@@ -267,6 +306,64 @@ class CacheEngine:
         if self._record_events:
             self._events.append(Stored(tier.name, plan.keys, pending.parents))
 
+    # ---- cascade -------------------------------------------------------------------------
+
+    def prepare_spill(self, keys: Sequence[bytes], parents: Sequence[bytes | None]) -> SpillPlan | None:
+        """Plan the write-through of top-tier blocks into the next tier; None if nothing to do.
+
+        Blocks the next tier already holds (in any state) are skipped; planning stops at a block
+        that is no longer READY above or whose parent the next tier will not hold, and at the
+        first block the next tier has no room for. Planned blocks are locked above (not evicted
+        while being read) and WRITING below. Complete spills in the order they were prepared, so
+        a parent is always announced before its children.
+        """
+        if len(self._tiers) < 2:
+            return None
+        src, dst = self._tiers[0], self._tiers[1]
+        new_keys: list[bytes] = []
+        new_parents: list[bytes | None] = []
+        for key, parent in zip(keys, parents, strict=True):
+            if dst.contains(key):
+                continue
+            if not src.is_ready(key) or not (parent is None or dst.contains(parent) or parent in new_keys[-1:]):
+                break
+            new_keys.append(key)
+            new_parents.append(parent)
+        if not new_keys:
+            return None
+        result = dst.allocate(new_keys, new_parents)
+        self._stats.evicted_blocks[dst.name] += len(result.evicted)
+        self._announce_removed(dst.name, result.evicted)
+        placed = len(result.slots)
+        if placed == 0:
+            return None
+        keys_placed = tuple(new_keys[:placed])
+        plan = SpillPlan(next(self._spill_ids), src.name, dst.name, keys_placed, tuple(new_parents[:placed]),
+                         tuple(src.lock(keys_placed)), tuple(result.slots))
+        self._spills[plan.spill_id] = plan
+        return plan
+
+    def complete_spill(self, spill_id: int, ok: Sequence[bool]) -> int:
+        """Acknowledge a spill; ``ok[i]`` is for ``keys[i]``. Blocks before the first failure become
+        READY below and are announced; the rest are rolled back (a child is never kept without its
+        parent). Returns how many were committed."""
+        plan = self._spills.pop(spill_id)
+        src, dst = self._by_name[plan.src], self._by_name[plan.dst]
+        good = next((i for i, flag in enumerate(ok) if not flag), len(plan.keys))
+        src.unlock(plan.keys)
+        dst.rollback(plan.keys[good:])
+        if good:
+            dst.commit(plan.keys[:good])
+            self._stats.stored_blocks[dst.name] += good
+            if self._record_events:
+                self._events.append(Stored(dst.name, plan.keys[:good], plan.parents[:good]))
+        return good
+
+    def restore(self, tier: str, blocks: Sequence[tuple[bytes, int, bytes | None]]) -> None:
+        """Re-admit blocks a lower tier found on restart (not announced: their tokens are unknown
+        here; they are announced when staged up)."""
+        self._by_name[tier].restore(blocks)
+
     # ---- whole cache ---------------------------------------------------------------------
 
     def reset(self) -> list[bytes]:
@@ -298,7 +395,10 @@ class CacheEngine:
         )
 
     def pending_loads(self) -> dict[str, LoadPlan]:
-        return dict(self._loads)
+        return {rid: pending.plan for rid, pending in self._loads.items()}
+
+    def pending_spills(self) -> dict[int, SpillPlan]:
+        return dict(self._spills)
 
     def pending_stores(self) -> dict[str, StorePlan]:
         return {rid: pending.plan for rid, pending in self._stores.items()}

@@ -243,6 +243,33 @@ class TierIndex:
             self._remove(key)
         return removed
 
+    def restore(self, blocks: Sequence[tuple[bytes, Slot, bytes | None]]) -> None:
+        """Re-admit READY blocks found at known slots, e.g. on disk after a restart.
+
+        ``blocks`` are (key, slot, parent key or None) triples; the tier must be empty. Parents that
+        are not among them make their children orphans, exactly as after a drop.
+        """
+        if self._entries:
+            raise ValueError(f"tier {self.name}: restore needs an empty tier")
+        entries = self._entries
+        used: set[int] = set()
+        for key, slot, parent in blocks:
+            if not 0 <= slot < self._num_slots or slot in used or key in entries:
+                raise ValueError(f"tier {self.name}: cannot restore {key.hex()[:16]} at slot {slot}")
+            used.add(slot)
+            entries[key] = _Entry(slot, parent, 0, _READY)
+        for entry in entries.values():
+            if entry.parent is None:
+                continue
+            up = entries.get(entry.parent)
+            if up is None:
+                self._orphans[entry.parent] = self._orphans.get(entry.parent, 0) + 1
+            else:
+                up.children += 1
+        for key, entry in reversed(entries.items()):
+            self._policy.insert(key, pinned=entry.children > 0)
+        self._free = deque(Slot(i) for i in range(self._num_slots) if i not in used)
+
     # ---- removal -------------------------------------------------------------------------
 
     def drop(self, keys: Sequence[bytes]) -> list[bytes]:

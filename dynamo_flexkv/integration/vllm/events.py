@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-from dynamo_flexkv.index.engine import Cleared, Removed, Stored, TierEvent
+from dynamo_flexkv.index.plans import Cleared, Removed, Stored, TierEvent
 
 MEDIUM_OF_TIER = {"CPU": "CPU", "SSD": "STORAGE"}
 

@@ -22,7 +22,8 @@ from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
-from dynamo_flexkv.index.engine import CacheEngine, LoadPlan, StorePlan
+from dynamo_flexkv.index.engine import CacheEngine
+from dynamo_flexkv.index.plans import LoadPlan, StorePlan
 from dynamo_flexkv.index.policies import make_policy
 from dynamo_flexkv.index.tier import TierIndex
 from dynamo_flexkv.integration.vllm.events import EventTranslator
