@@ -66,6 +66,7 @@ class CacheEngine:
         self._loads: dict[str, _PendingLoad] = {}
         self._stores: dict[str, _PendingStore] = {}
         self._spills: dict[int, SpillPlan] = {}
+        self._new_spills: list[SpillPlan] = []
         self._spill_ids = itertools.count(1)
         zero = dict.fromkeys(names, 0)
         self._stats = EngineStats(
@@ -292,8 +293,9 @@ class CacheEngine:
         return plan
 
     def complete_store(self, request_id: str, success: bool) -> None:
-        """Finish the request's store: on success its blocks become READY and are announced;
-        otherwise they are rolled back (never announced, so nothing is published).
+        """Finish the request's store: on success its blocks become READY and are announced, and
+        their write-through into the next tier is planned (see ``take_spills``); otherwise they
+        are rolled back (never announced, so nothing is published).
         ``KeyError`` if the request has no store in flight."""
         pending = self._stores.pop(request_id)
         plan = pending.plan
@@ -305,6 +307,9 @@ class CacheEngine:
         self._stats.stored_blocks[tier.name] += len(plan.keys)
         if self._record_events:
             self._events.append(Stored(tier.name, plan.keys, pending.parents))
+        spill = self.prepare_spill(plan.keys, pending.parents)  # write-through into the next tier
+        if spill is not None:
+            self._new_spills.append(spill)
 
     # ---- cascade -------------------------------------------------------------------------
 
@@ -342,6 +347,11 @@ class CacheEngine:
                          tuple(src.lock(keys_placed)), tuple(result.slots))
         self._spills[plan.spill_id] = plan
         return plan
+
+    def take_spills(self) -> list[SpillPlan]:
+        """Spills planned by committed stores since the last call (write-through), oldest first."""
+        spills, self._new_spills = self._new_spills, []
+        return spills
 
     def complete_spill(self, spill_id: int, ok: Sequence[bool]) -> int:
         """Acknowledge a spill; ``ok[i]`` is for ``keys[i]``. Blocks before the first failure become

@@ -15,19 +15,24 @@ def two_tiers(cpu_slots: int = 8, ssd_slots: int = 8) -> CacheEngine:
     ])
 
 
+def finish_spills(engine: CacheEngine) -> None:
+    """Complete every write-through the engine planned, successfully."""
+    for plan in engine.take_spills():
+        assert engine.complete_spill(plan.spill_id, [True] * len(plan.keys)) == len(plan.keys)
+
+
 def spill_all(engine: CacheEngine, keys: list[bytes]) -> None:
-    plan = engine.prepare_spill(keys, parents_of(keys))
-    assert plan is not None
-    assert engine.complete_spill(plan.spill_id, [True] * len(plan.keys)) == len(plan.keys)
+    finish_spills(engine)
+    assert engine.tiers[1].match(keys) == len(keys)
 
 
-def test_spill_writes_through_and_announces_after_commit():
+def test_committed_store_plans_its_write_through_and_announces_it_after_commit():
     engine = two_tiers()
     keys = chain("a", 3)
     store(engine, "s", keys)
     engine.take_events()
-    plan = engine.prepare_spill(keys, parents_of(keys))
-    assert plan is not None and plan.keys == tuple(keys) and plan.dst == "SSD"
+    [plan] = engine.take_spills()
+    assert plan.keys == tuple(keys) and plan.dst == "SSD" and engine.take_spills() == []
     assert engine.take_events() == []  # nothing announced while in flight
     assert engine.tiers[0].num_locked == 3  # the source is not evicted while being read
     engine.complete_spill(plan.spill_id, [True, True, True])
@@ -40,7 +45,7 @@ def test_failed_spill_keeps_only_the_prefix_before_the_failure():
     engine = two_tiers()
     keys = chain("a", 4)
     store(engine, "s", keys)
-    plan = engine.prepare_spill(keys, parents_of(keys))
+    [plan] = engine.take_spills()
     assert engine.complete_spill(plan.spill_id, [True, False, True, True]) == 1
     assert engine.tiers[1].match(keys) == 1 and engine.tiers[1].num_used == 1
 
@@ -51,6 +56,7 @@ def test_ssd_only_hit_is_staged_into_cpu_then_loaded():
     store(engine, "s", old)
     spill_all(engine, old)
     store(engine, "t", chain("b", 4))  # pushes `old` out of the CPU tier
+    finish_spills(engine)
     assert engine.tiers[0].match(old) == 0 and engine.lookup(old) == 3
     engine.take_events()
 
@@ -84,6 +90,7 @@ def test_corrupt_staged_block_is_dropped_and_cuts_the_load():
     store(engine, "s", keys)
     spill_all(engine, keys)
     store(engine, "t", chain("b", 4))
+    finish_spills(engine)
     engine.take_events()
     engine.prepare_load("r", keys)
     assert engine.complete_stage("r", [True, False, True]) == 1
@@ -101,6 +108,7 @@ def test_cancel_before_staging_releases_everything():
     store(engine, "s", keys)
     spill_all(engine, keys)
     store(engine, "t", chain("b", 4))
+    finish_spills(engine)
     engine.prepare_load("r", keys)
     engine.cancel_load("r")
     cpu, ssd = engine.tiers
@@ -116,6 +124,7 @@ def test_load_cannot_complete_before_its_staging():
     store(engine, "s", keys)
     spill_all(engine, keys)
     store(engine, "t", chain("b", 4))
+    finish_spills(engine)
     engine.prepare_load("r", keys)
     with pytest.raises(ValueError, match="complete_stage"):
         engine.complete_load("r", True)
