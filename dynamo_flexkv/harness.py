@@ -120,6 +120,7 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str])
         message = conn.recv()
         command = message.pop("command")
         if command == "exit":
+            engine.engine_core.shutdown()  # runs the connectors' shutdown: SSD writes land
             return
         try:
             if command == "generate":
@@ -192,10 +193,14 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
     if side is None:
         return {"connector": type(connector).__module__ + "." + type(connector).__name__ if connector else None}
     tier = side.engine.tiers[0]
-    return {
+    state = {
         "connector": type(connector).__module__ + "." + type(connector).__name__,
         "cpu_slots": tier.num_slots,
         "cpu_used": tier.num_used,
         "loaded_tokens": side.loaded_tokens,
         "engine_stats": vars(side.engine.snapshot()),
     }
+    if side.lower_io is not None:
+        store = side.lower_io.store
+        state["ssd"] = {"healthy": store.healthy, "reason": store.degraded_reason, **vars(store.stats)}
+    return state

@@ -54,9 +54,15 @@ class FlexKVConnector(FlexKVConnectorV1):
         if role == KVConnectorRole.SCHEDULER:
             from dynamo_flexkv.integration.vllm.scheduler import SchedulerSide
 
+            # vLLM reads this right after building the connector. Its default, "fail", would fail a
+            # request whose cached blocks turned out unreadable; for a cache, that is a miss.
+            if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+                self._kv_transfer_config.kv_load_failure_policy = "recompute"
+                logger.info("kv_load_failure_policy set to recompute: an unreadable block is a cache miss")
+
             kv_events = vllm_config.kv_events_config
             publish = bool(kv_events and kv_events.enable_kv_cache_events)
-            self._scheduler = SchedulerSide(facts, settings.eviction_policy, publish_events=publish)
+            self._scheduler = SchedulerSide(facts, settings, publish_events=publish)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -87,6 +93,10 @@ class FlexKVConnector(FlexKVConnectorV1):
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         return self._scheduler.take_events() if self._scheduler else ()
+
+    def has_pending_push_work(self) -> bool:
+        """Keeps vLLM stepping while SSD reads/writes are in flight, so they are acknowledged."""
+        return self._scheduler is not None and self._scheduler.has_lower_tier_work
 
     def reset_cache(self) -> bool | None:
         return self._scheduler.reset_cache() if self._scheduler else None
@@ -136,3 +146,5 @@ class FlexKVConnector(FlexKVConnectorV1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()

@@ -9,6 +9,7 @@ commit).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
@@ -16,40 +17,57 @@ from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from dynamo_flexkv.index.plans import Cleared, Removed, Stored, TierEvent
 
+logger = logging.getLogger(__name__)
+
 MEDIUM_OF_TIER = {"CPU": "CPU", "SSD": "STORAGE"}
 
 
 class EventTranslator:
     def __init__(self, block_size: int):
         self.block_size = block_size
-        # key -> token ids, for blocks stored or being stored in some tier
-        self._tokens: dict[bytes, Sequence[int]] = {}
+        self._tokens: dict[bytes, Sequence[int]] = {}  # blocks stored, or being stored, somewhere
+        self._tiers: dict[bytes, int] = {}  # how many tiers announced each block
 
     def remember(self, keys: Sequence[bytes], tokens: Sequence[Sequence[int]]) -> None:
         self._tokens.update(zip(keys, tokens))
 
     def forget(self, keys: Iterable[bytes]) -> None:
+        """Drop the tokens of blocks no tier announced (e.g. a store that was rolled back)."""
         for key in keys:
-            self._tokens.pop(key, None)
+            if not self._tiers.get(key):
+                self._tokens.pop(key, None)
 
     def translate(self, events: Iterable[TierEvent]) -> list[KVCacheEvent]:
         out: list[KVCacheEvent] = []
         for event in events:
             medium = MEDIUM_OF_TIER[event.tier]
             if isinstance(event, Stored):
+                for key in event.keys:
+                    self._tiers[key] = self._tiers.get(key, 0) + 1
                 out.extend(self._stored(event.keys, event.parents, medium))
             elif isinstance(event, Removed):
                 out.append(BlockRemoved(block_hashes=[maybe_convert_block_hash(k) for k in event.keys], medium=medium))
-                self.forget(event.keys)
+                self._left(event.keys)
             elif isinstance(event, Cleared):
                 out.append(AllBlocksCleared())
-                self.forget(event.keys)  # stores still in flight keep their tokens
+                self._left(event.keys)
         return out
+
+    def _left(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            held = self._tiers.pop(key, 0) - 1
+            if held > 0:
+                self._tiers[key] = held
+            else:
+                self._tokens.pop(key, None)
 
     def _stored(self, keys: Sequence[bytes], parents: Sequence[bytes | None], medium: str) -> list[BlockStored]:
         """One BlockStored per run of keys that chain parent -> child, as vLLM emits them."""
         events, run, run_parent = [], [], None
         for key, parent in zip(keys, parents):
+            if key not in self._tokens:  # e.g. found on disk at start-up: tokens unknown, not announced
+                logger.debug("block %s stored in %s without known tokens: not announced", key.hex()[:16], medium)
+                continue
             if run and parent != run[-1]:
                 events.append(self._block_stored(run, run_parent, medium))
                 run = []

@@ -13,16 +13,19 @@ from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig
 
 from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import PoolGeometry
+from dynamo_flexkv.storage.ssd import SsdBlockStore
+from dynamo_flexkv.storage.ssd_claim import claim_seat
+from dynamo_flexkv.transfer.tier_io import LowerTierIO
 
 
 @dataclass(frozen=True)
 class InstanceFacts:
-    identity: str  # names the shared-memory pool (and later the SSD files) of this instance
+    identity: str  # names the shared-memory pool of this instance
     block_size: int  # tokens per vLLM block
     geometry: PoolGeometry
-    model: str
-    kv_dtype: str
+    layout: dict[str, str | int]  # what a stored block's bytes depend on: guards the SSD files
 
 
 def describe_instance(
@@ -47,10 +50,27 @@ def describe_instance(
     else:
         base = vllm_config.kv_transfer_config.engine_id
     identity = f"dynamo-flexkv-{base}-dp{parallel.data_parallel_rank}"
-    return InstanceFacts(
-        identity=identity,
-        block_size=spec.block_size,
-        geometry=geometry,
-        model=str(vllm_config.model_config.model),
-        kv_dtype=str(spec.dtype).removeprefix("torch."),
+    layout = {
+        "model": str(vllm_config.model_config.model),
+        "kv_dtype": str(spec.dtype).removeprefix("torch."),
+        "block_size": spec.block_size,
+        "layers": len(groups[0].layer_names),
+        "shard_bytes": shard_bytes,
+        "tp_size": parallel.tensor_parallel_size,
+        "hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),
+    }
+    return InstanceFacts(identity=identity, block_size=spec.block_size, geometry=geometry, layout=layout)
+
+
+def open_ssd_tier(facts: InstanceFacts, settings: FlexKVSettings) -> LowerTierIO:
+    """Map the CPU pool in this (scheduler) process and open the SSD files behind it."""
+    seat, _lock_fd = claim_seat(settings.ssd_cache_dir[0], facts.layout)  # held for the process life
+    store = SsdBlockStore(
+        list(settings.ssd_cache_dir),
+        settings.ssd_cache_bytes,
+        facts.geometry.slot_bytes,
+        {**facts.layout, "seat": seat},
+        io_threads=settings.ssd_io_threads,
+        queue_depth=settings.ssd_queue_depth,
     )
+    return LowerTierIO(store, CpuBlockPool(facts.identity, facts.geometry).tensor)

@@ -12,11 +12,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 @dataclass(frozen=True)
 class BlockTransfer:
-    """Copy the blocks of one request: `block_ids[i]` (vLLM cache) <-> `slots[i]` (CPU pool)."""
+    """Copy the blocks of one request: `block_ids[i]` (vLLM cache) <-> `slots[i]` (CPU pool).
+
+    `unavailable` (loads only) are GPU blocks promised to vLLM that turned out unloadable (a lower
+    tier failed them): the worker reports them as load errors, so vLLM recomputes them.
+    """
 
     request_id: str
     block_ids: tuple[int, ...]
     slots: tuple[int, ...]
+    unavailable: tuple[int, ...] = ()
 
 
 @dataclass

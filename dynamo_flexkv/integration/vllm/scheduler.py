@@ -5,10 +5,13 @@ Request flow (see docs/architecture.md):
    the index, locks the hit and answers "load asynchronously" — the scheduler is never blocked.
 2. `update_state_after_alloc` binds the hit to the GPU blocks vLLM allocated; the next
    `build_connector_meta` hands the copy to the workers.
+   Hits that only a lower tier (SSD) holds are first staged into CPU slots; their GPU copy is
+   handed out once the reads finished.
 3. `request_finished` reserves pool slots for the request's full, computed blocks not yet cached
    and asks vLLM to keep the GPU blocks until the workers copied them (async save).
 4. `update_connector_output` commits (or rolls back) what the workers finished; only then do blocks
-   become matchable and visible to the router as events.
+   become matchable and visible to the router as events. Committed blocks are written through to
+   the SSD tier in the background.
 """
 
 from __future__ import annotations
@@ -22,36 +25,49 @@ from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
+from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.index.engine import CacheEngine
 from dynamo_flexkv.index.plans import LoadPlan, StorePlan
 from dynamo_flexkv.index.policies import make_policy
 from dynamo_flexkv.index.tier import TierIndex
 from dynamo_flexkv.integration.vllm.events import EventTranslator
-from dynamo_flexkv.integration.vllm.instance import InstanceFacts
+from dynamo_flexkv.integration.vllm.instance import InstanceFacts, open_ssd_tier
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
 
 logger = logging.getLogger(__name__)
 
-CPU_TIER = "CPU"
+CPU_TIER, SSD_TIER = "CPU", "SSD"
+SHUTDOWN_TIMEOUT_S = 30
 
 
 class SchedulerSide:
-    def __init__(self, facts: InstanceFacts, eviction_policy: str, publish_events: bool):
+    def __init__(self, facts: InstanceFacts, settings: FlexKVSettings, publish_events: bool):
         self.block_size = facts.block_size
+        policy = settings.eviction_policy
         num_slots = facts.geometry.num_slots
-        self.engine = CacheEngine([TierIndex(CPU_TIER, num_slots, make_policy(eviction_policy, num_slots))])
+        tiers = [TierIndex(CPU_TIER, num_slots, make_policy(policy, num_slots))]
+        self.lower_io = open_ssd_tier(facts, settings) if settings.ssd_enabled else None
+        if self.lower_io is not None:
+            ssd_slots = self.lower_io.store.num_slots
+            tiers.append(TierIndex(SSD_TIER, ssd_slots, make_policy(policy, ssd_slots)))
+        self.engine = CacheEngine(tiers, record_events=publish_events)
+        if self.lower_io is not None:
+            found = self.lower_io.store.recover()
+            self.engine.restore(SSD_TIER, [(key, slot, None) for key, slot in found])
+            logger.info("ssd tier: %d slots, %d blocks found from an earlier run", ssd_slots, len(found))
         self.events = EventTranslator(facts.block_size) if publish_events else None
         self.loaded_tokens = 0  # tokens whose load was scheduled, since start
         self._reported = self.engine.snapshot()
         # request id -> (first block index of the hit, its locked plan), awaiting allocation
         self._matched: dict[str, tuple[int, LoadPlan]] = {}
         self._loading: dict[str, LoadPlan] = {}
+        self._staging: dict[str, tuple[int, ...]] = {}  # request id -> GPU block ids awaiting staging
         self._saving: dict[str, StorePlan] = {}
         self._step = FlexKVStepMetadata()
         logger.info(
-            "scheduler ready: identity=%s cpu_slots=%d block_size=%d policy=%s",
-            facts.identity, num_slots, facts.block_size, eviction_policy,
+            "scheduler ready: identity=%s cpu_slots=%d block_size=%d policy=%s tiers=%s",
+            facts.identity, num_slots, facts.block_size, policy, [t.name for t in tiers],
         )
 
     # --- loads ---------------------------------------------------------------------------------
@@ -64,9 +80,15 @@ class SchedulerSide:
         if hits == 0:
             self._release_match(request_id)
             return 0, False
-        plan = self.engine.prepare_load(request_id, keys[:hits])  # replaces an earlier match
+        first_parent = request.block_hashes[first - 1] if first else None
+        plan = self.engine.prepare_load(request_id, keys[:hits], first_parent)  # replaces an earlier match
+        if plan is None:
+            self._matched.pop(request_id, None)
+            return 0, False
+        if self.events is not None and plan.staged:
+            self._remember_tokens(request, [first + s.index for s in plan.staged], [plan.keys[s.index] for s in plan.staged])
         self._matched[request_id] = (first, plan)
-        return hits * self.block_size, True
+        return len(plan.keys) * self.block_size, True
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         request_id = request.request_id
@@ -79,12 +101,17 @@ class SchedulerSide:
         first, plan = matched
         count = num_external_tokens // self.block_size
         if count < len(plan.keys):  # vLLM took less than offered: lock only what will be loaded
-            plan = self.engine.prepare_load(request_id, plan.keys[:count])
-        block_ids = blocks.get_block_ids()[0][first : first + count]
-        self._step.loads.append(BlockTransfer(request_id, tuple(block_ids), tuple(plan.slots)))
+            first_parent = request.block_hashes[first - 1] if first else None
+            plan = self.engine.prepare_load(request_id, plan.keys[:count], first_parent)
+        block_ids = tuple(blocks.get_block_ids()[0][first : first + count])
         self._loading[request_id] = plan
         self.loaded_tokens += count * self.block_size
-        logger.debug("load scheduled: request=%s blocks=%d from=%s", request_id, count, plan.tier)
+        if plan.staged:
+            self.lower_io.stage(plan)
+            self._staging[request_id] = block_ids
+        else:
+            self._step.loads.append(BlockTransfer(request_id, block_ids, plan.slots))
+        logger.debug("load scheduled: request=%s blocks=%d staged=%d", request_id, count, len(plan.staged))
 
     def _release_match(self, request_id: str) -> None:
         if self._matched.pop(request_id, None) is not None:
@@ -108,18 +135,39 @@ class SchedulerSide:
         position = {key: i for i, key in enumerate(keys)}
         indices = [position[key] for key in plan.keys]
         if self.events is not None:
-            tokens = request.all_token_ids
-            self.events.remember(plan.keys, [tokens[i * self.block_size : (i + 1) * self.block_size] for i in indices])
+            self._remember_tokens(request, indices, plan.keys)
         self._step.saves.append(BlockTransfer(request_id, tuple(block_ids[i] for i in indices), tuple(plan.slots)))
         self._saving[request_id] = plan
         logger.debug("save scheduled: request=%s blocks=%d", request_id, len(plan.keys))
         return True, None
 
+    def _remember_tokens(self, request: Request, indices: list[int], keys) -> None:
+        tokens, size = request.all_token_ids, self.block_size
+        self.events.remember(keys, [tokens[i * size : (i + 1) * size] for i in indices])
+
     # --- per step --------------------------------------------------------------------------------
 
     def build_connector_meta(self) -> FlexKVStepMetadata:
+        if self.lower_io is not None:
+            self._advance_lower_tier()
         step, self._step = self._step, FlexKVStepMetadata()
         return step
+
+    def _advance_lower_tier(self) -> None:
+        """Hand out the GPU copies of finished stagings; commit finished spills; start new ones."""
+        io = self.lower_io
+        for request_id, ok in io.finished_stages():
+            usable = self.engine.complete_stage(request_id, ok)
+            plan, block_ids = self._loading[request_id], self._staging.pop(request_id)
+            if usable < len(plan.keys):
+                logger.warning("ssd staging failed at block %d of %d, recomputing the rest: request=%s",
+                               usable, len(plan.keys), request_id)
+            self._step.loads.append(BlockTransfer(request_id, block_ids[:usable], plan.slots[:usable],
+                                                  unavailable=block_ids[usable:]))
+        for spill_id, ok in io.finished_spills():
+            self.engine.complete_spill(spill_id, ok)
+        for plan in self.engine.take_spills():
+            io.spill(plan)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         report = output.kv_connector_worker_meta
@@ -141,6 +189,8 @@ class SchedulerSide:
                     if self.events is not None:
                         self.events.forget(plan.keys)
                     logger.warning("save failed, slots released: request=%s", request_id)
+        if self.lower_io is not None:
+            self._advance_lower_tier()  # start the write-through at once: it holds CPU blocks
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         tier_events = self.engine.take_events()
@@ -170,5 +220,18 @@ class SchedulerSide:
         return None if stats.is_empty() else stats
 
     @property
+    def has_lower_tier_work(self) -> bool:
+        return self.lower_io is not None and self.lower_io.num_pending > 0
+
+    @property
     def num_inflight(self) -> int:
-        return len(self._loading) + len(self._saving)
+        lower = self.lower_io.num_pending if self.lower_io is not None else 0
+        return len(self._loading) + len(self._saving) + lower
+
+    def shutdown(self) -> None:
+        """Let in-flight SSD writes land (bounded), so a restart finds them."""
+        if self.lower_io is None:
+            return
+        self.lower_io.wait(SHUTDOWN_TIMEOUT_S)
+        self._advance_lower_tier()
+        self.lower_io.close()

@@ -49,6 +49,7 @@ class WorkerSide:
         assert copier is not None, "register_kv_caches was not called"
         for job in metadata.loads:
             self._load_blocks[job.request_id] = job.block_ids
+            self._load_errors.update(job.unavailable)
             self.executor.submit(job.request_id, "load", lambda job=job: copier.load(job.slots, job.block_ids))
 
     def start_saves(self, metadata: FlexKVStepMetadata) -> None:

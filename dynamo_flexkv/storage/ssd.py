@@ -1,0 +1,593 @@
+"""The SSD tier's bytes: block slots in preallocated files, one file per directory.
+
+SSD slot `s` lives in file `s % n_dirs` at index `s // n_dirs`, so consecutive slots stripe across
+the directories; the files are named from a hash of the caller's identity (model/layout), and each
+header repeats the identity and layout. The on-disk format and the I/O engines are in ssd_io.py. Each
+slot has a metadata record: the caller's block key, the xxh3-64 of the block's data, a write sequence.
+
+Crash safety rests on the data checksum, not on write ordering. A write puts the data in place and
+only then the record (key + checksum of the new data). Whatever a crash leaves behind:
+- old record + new/torn data: the data does not hash to the old checksum -> a miss at read time;
+- new record + old/torn data (the record page reached the disk first): same -> a miss;
+- torn record page: the record's own hash fails -> the slot is empty.
+So we do not pay a synchronous "invalidate old record" write before each overwrite: the old record is
+invalidated in memory at once (reads in this process miss from then on) and its zeroed form reaches
+the disk with the next metadata flush. `invalidate()` is lazy the same way: a freed slot whose record
+is still on disk after a crash still holds exactly the bytes its key names (keys are content hashes
+of the whole prefix, scoped by the identity), so serving it after a restart is correct, not stale.
+No fsync is needed for correctness for the same reason; `close()` does one to keep warm restarts warm.
+
+Faults never raise out of the I/O path: a failed block is `ok=False` in its `IoResult`, every future
+completes, and the store degrades (`healthy` False, `degraded_reason` set): an I/O error stops writes
+(they fail fast without touching the disk); a removed directory or file disables the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from dynamo_flexkv.storage.ssd_io import (
+    ALIGN,
+    IOV_MAX,
+    MAX_KEY_BYTES,
+    RECORD_BYTES,
+    FaultInjector,
+    IoOp,
+    SsdFile,
+    build_header,
+    make_engine,
+    xxh,
+)
+
+logger = logging.getLogger(__name__)
+
+_MAX_OP_BYTES = 8 << 20  # bytes per vectored syscall (adjacent slots are coalesced up to this)
+_META_FLUSH_DELAY_S = 0.05  # group-commit window of the metadata flusher
+
+
+@dataclass
+class IoResult:
+    ok: list[bool]
+    bytes: int
+
+
+@dataclass
+class SsdStats:
+    blocks_written: int = 0
+    blocks_read: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    write_failed_blocks: int = 0
+    read_failed_blocks: int = 0  # every ok=False read: misses, corruption, I/O errors
+    corrupt_blocks: int = 0  # data did not match its checksum
+    io_errors: int = 0  # failed syscalls (ops, not blocks)
+
+
+def gds_available() -> tuple[bool, str]:
+    """Whether GPUDirect Storage can be used here: kvikio (not in compat mode) or nixl's GDS plugin
+    with libcufile loadable. Returns (available, reason) for a start-up message."""
+    missing = []
+    try:
+        import kvikio
+        import kvikio.defaults
+
+        if not kvikio.defaults.compat_mode():
+            return True, f"kvikio {getattr(kvikio, '__version__', '?')} (cuFile)"
+        missing.append("kvikio is installed but runs in compat mode (no cuFile/GDS driver)")
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        missing.append(f"kvikio: {exc.__class__.__name__}: {exc}")
+    plugin = None
+    for pkg in ("nixl_cu13", "nixl_cu12"):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        site = Path(next(iter(spec.submodule_search_locations))).parent
+        found = sorted(site.glob(f"{pkg}*libs/**/libplugin_GDS*.so")) + sorted(
+            site.glob(f".{pkg}*libs/**/libplugin_GDS*.so"))
+        if found:
+            plugin = found[0]
+            break
+    if plugin is None:
+        missing.append("nixl: no GDS plugin (libplugin_GDS*.so) in an installed nixl_cu12/nixl_cu13")
+    else:
+        import ctypes
+
+        try:
+            ctypes.CDLL("libcufile.so.0")
+            return True, f"nixl GDS plugin {plugin.name} with libcufile"
+        except OSError as exc:
+            missing.append(f"nixl GDS plugin {plugin.name} found but libcufile cannot be loaded ({exc})")
+    return False, "GPUDirect Storage is not available: " + "; ".join(missing)
+
+
+def _canonical_identity(identity: Mapping[str, str | int]) -> dict[str, str | int]:
+    out: dict[str, str | int] = {}
+    for k, v in identity.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"identity must map str to str|int, got {k!r}: {v!r}")
+        out[k] = v
+    return dict(sorted(out.items()))
+
+
+def _as_ints(seq: Sequence[int]) -> list[int]:
+    tolist = getattr(seq, "tolist", None)
+    return [int(x) for x in (tolist() if tolist is not None else seq)]
+
+
+@dataclass(eq=False)
+class _Batch:
+    id: int
+    write: bool
+    future: Future
+    ssd_slots: list[int]
+    keys: list[bytes]
+    gens: list[int]
+    sums: list[int]
+    ok: list[bool]
+    remaining: int
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SsdBlockStore:
+    """Fixed-size block slots on local disks with per-block checksums and warm restart.
+
+    Slot allocation is the caller's (the index's): it names the SSD slot of every block. All methods
+    are thread-safe; `write_blocks` / `read_blocks` return at once with a Future that always completes.
+    A read lands in the caller's pool slot even when it then fails verification: treat the slot of a
+    failed block as garbage.
+    """
+
+    def __init__(
+        self,
+        dirs: list[str],
+        capacity_bytes: int,
+        slot_bytes: int,
+        identity: Mapping[str, str | int],
+        io_threads: int = 8,
+        queue_depth: int = 32,
+        *,
+        engine: str = "auto",
+        _fault_injector: FaultInjector | None = None,
+    ):
+        if not dirs:
+            raise ValueError("SsdBlockStore needs at least one directory")
+        if len({os.path.realpath(d) for d in dirs}) != len(dirs):
+            raise ValueError(f"SSD cache directories repeat: {list(dirs)}")
+        if slot_bytes <= 0 or slot_bytes % ALIGN:
+            raise ValueError(f"slot_bytes must be a positive multiple of {ALIGN}, got {slot_bytes}")
+        self.slot_bytes = slot_bytes
+        self.num_slots = capacity_bytes // slot_bytes
+        if self.num_slots < 1:
+            raise ValueError(f"capacity {capacity_bytes} bytes holds no {slot_bytes}-byte block")
+        self.identity = _canonical_identity(identity)
+        ident_json = json.dumps(self.identity, sort_keys=True, separators=(",", ":"))
+        self.identity_hash = xxhash.xxh3_64_hexdigest(ident_json.encode())
+        self.name = f"ssd[{self.identity_hash[:8]}]"
+        self.healthy = True
+        self.degraded_reason: str | None = None
+        self.stats = SsdStats()
+        self._writable = True
+        self._disabled = False
+        self._closed = False
+        self._lock = threading.Lock()  # slot state, stats, health, batch ids
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0  # batches not yet finalized
+        self._next_batch = 1
+        self._seq = 1
+        self._logged_corrupt: set[int] = set()
+        self._inject = _fault_injector
+        n = len(dirs)
+        self._n = n
+        self._keys: list[bytes | None] = [None] * self.num_slots
+        self._sums = [0] * self.num_slots
+        self._seqs = [0] * self.num_slots
+        self._gens = [0] * self.num_slots
+        self._files: list[SsdFile] = []
+        try:
+            for i, d in enumerate(dirs):
+                if not Path(d).is_dir():
+                    raise ValueError(f"SSD cache directory {d} does not exist")
+                slots = (self.num_slots - i + n - 1) // n
+                header = build_header({
+                    "identity": self.identity, "slot_bytes": slot_bytes, "num_slots": self.num_slots,
+                    "n_dirs": n, "dir_index": i, "slots_in_file": slots, "record_bytes": RECORD_BYTES})
+                path = Path(d) / f"flexkv-{self.identity_hash}.ssd"
+                self._files.append(SsdFile(path, header, slots, slot_bytes, self.name))
+            self._warm_start_or_wipe()
+        except BaseException:
+            self._close_files()
+            raise
+        try:
+            self._engine = make_engine(engine, io_threads, queue_depth, _fault_injector)
+        except BaseException:
+            self._close_files()
+            raise
+        self.engine_name = self._engine.name
+        self._meta_cv = threading.Condition()
+        self._meta_pending = False
+        self._meta_stop = False
+        self._meta_thread = threading.Thread(target=self._flusher, name="flexkv-ssd-meta", daemon=True)
+        self._meta_thread.start()
+        n_valid = sum(k is not None for k in self._keys)
+        logger.info("%s: %d slots x %d bytes in %s (%s engine, O_DIRECT %s), %d blocks recovered",
+                    self.name, self.num_slots, slot_bytes, [str(f.path) for f in self._files],
+                    self.engine_name, "on" if all(f.direct for f in self._files) else "off", n_valid)
+
+    def _warm_start_or_wipe(self) -> None:
+        """The tier is warm only if every file's header matches this identity and layout; otherwise
+        every file is wiped (a partial cache of another layout is never served)."""
+        stale = [(f, f.mismatch) for f in self._files if f.mismatch is not None]
+        if stale:
+            old = [f"{f.path}: {why}" for f, why in stale if why != "new file"]
+            if old:
+                logger.warning("%s: wiping the SSD tier (%d files), serving nothing from it: %s",
+                               self.name, len(self._files), "; ".join(old))
+            for f in self._files:
+                f.wipe()
+                if f.no_space:
+                    self._degrade(f.no_space, disable=True)
+            return
+        n = self._n
+        for f in self._files:
+            f.load()
+            i = self._files.index(f)
+            for local, slot, key, dsum, seq in f.records():
+                if slot != local * n + i:
+                    f.set_record(local, slot, None)
+                    continue
+                self._keys[slot], self._sums[slot], self._seqs[slot] = key, dsum, seq
+                self._seq = max(self._seq, seq + 1)
+
+    def _locate(self, s: int) -> tuple[SsdFile, int]:
+        return self._files[s % self._n], s // self._n
+
+    def _set_record(self, s: int, key: bytes | None, dsum: int = 0, seq: int = 0) -> None:
+        f, local = self._locate(s)
+        f.set_record(local, s, key, dsum, seq)
+
+    def _check_files(self) -> bool:
+        """False (and the store disabled) when a file or its directory was removed or replaced."""
+        if self._disabled:
+            return False
+        for f in self._files:
+            if f.removed():
+                self._degrade(f"{f.path} (or its directory) was removed or replaced", disable=True)
+                return False
+        return True
+
+    # ---------------------------------------------------------------------------------- health
+    def _degrade(self, reason: str, disable: bool = False) -> None:
+        with self._lock:
+            news = self.healthy or (disable and not self._disabled)
+            self.healthy = False
+            self._writable = False
+            if disable:
+                self._disabled = True
+            if self.degraded_reason is None or disable:
+                self.degraded_reason = reason
+        if news:
+            logger.error("%s: %s: %s", self.name,
+                         "disabled" if disable else "degraded, no more writes", reason)
+
+    def _io_error(self, err: BaseException, where: IoOp | str) -> str:
+        if isinstance(where, IoOp):
+            where = (f"{'write' if where.write else 'read'} of {where.nbytes} bytes at "
+                     f"{where.path}:{where.offset}")
+        what = f"{where}: {err.__class__.__name__}: {err}"
+        with self._lock:
+            self.stats.io_errors += 1
+        gone = isinstance(err, OSError) and err.errno in (errno.ENOENT, errno.ESTALE, errno.ENODEV,
+                                                          errno.ENXIO, errno.EBADF)
+        self._degrade(what, disable=gone)
+        return what
+
+    # ------------------------------------------------------------------------------------- API
+    def write_blocks(self, pool, pool_slots: Sequence[int], ssd_slots: Sequence[int],
+                     keys: Sequence[bytes]) -> Future:
+        """Copy pool rows `pool_slots` into SSD slots `ssd_slots`, recording `keys` (<= 64 bytes
+        each). A block is readable only after its future reports it ok."""
+        pool_slots, ssd_slots, rows = self._validate(pool, pool_slots, ssd_slots)
+        keys = [bytes(k) for k in keys]
+        if len(keys) != len(ssd_slots):
+            raise ValueError(f"{len(keys)} keys for {len(ssd_slots)} blocks")
+        if any(len(k) > MAX_KEY_BYTES for k in keys):
+            raise ValueError(f"block keys are limited to {MAX_KEY_BYTES} bytes")
+        if len(set(ssd_slots)) != len(ssd_slots):
+            raise ValueError("a write batch names the same SSD slot twice")
+        n = len(ssd_slots)
+        if not self._writable or self._closed or not self._check_files():
+            return self._fail_fast(n, write=True)
+        with self._lock:
+            gens = []
+            for s in ssd_slots:  # the old contents stop being served now (see module docstring)
+                self._keys[s] = None
+                self._gens[s] += 1
+                gens.append(self._gens[s])
+                self._set_record(s, None)
+                self._logged_corrupt.discard(s)
+        batch = self._new_batch(True, ssd_slots, keys, gens, [0] * n)
+        self._submit(batch, rows, list(range(n)), pool_slots)
+        return batch.future
+
+    def read_blocks(self, pool, ssd_slots: Sequence[int], pool_slots: Sequence[int],
+                    keys: Sequence[bytes]) -> Future:
+        """Copy SSD slots into pool rows; a block is ok only if the slot holds `key` and its data
+        matches the checksum written with it."""
+        pool_slots, ssd_slots, rows = self._validate(pool, pool_slots, ssd_slots)
+        keys = [bytes(k) for k in keys]
+        if len(keys) != len(ssd_slots):
+            raise ValueError(f"{len(keys)} keys for {len(ssd_slots)} blocks")
+        if len(set(pool_slots)) != len(pool_slots):
+            raise ValueError("a read batch names the same pool slot twice")
+        n = len(ssd_slots)
+        if self._disabled or self._closed or not self._check_files():
+            return self._fail_fast(n, write=False)
+        todo, sums, gens = [], [0] * n, [0] * n
+        with self._lock:
+            for i, s in enumerate(ssd_slots):
+                if self._keys[s] == keys[i]:
+                    todo.append(i)
+                    sums[i], gens[i] = self._sums[s], self._gens[s]
+        batch = self._new_batch(False, ssd_slots, keys, gens, sums)
+        self._submit(batch, rows, todo, pool_slots)
+        return batch.future
+
+    def invalidate(self, ssd_slots: Sequence[int]) -> None:
+        """Forget the blocks in these slots (freed or about to be reused). Takes effect at once in
+        memory; the zeroed records reach the disk with the next metadata flush (see module doc)."""
+        slots = _as_ints(ssd_slots)
+        self._check_slots(slots)
+        with self._lock:
+            for s in slots:
+                self._keys[s] = None
+                self._gens[s] += 1
+                self._set_record(s, None)
+
+    def recover(self) -> list[tuple[bytes, int]]:
+        """(key, ssd_slot) of every block this store holds, oldest write first — after a warm
+        restart, the blocks found on disk. Data is verified lazily, by read_blocks."""
+        with self._lock:
+            found = [(self._seqs[s], k, s) for s, k in enumerate(self._keys) if k is not None]
+        found.sort()
+        return [(k, s) for _, k, s in found]
+
+    def close(self) -> None:
+        """Wait for in-flight batches, persist metadata, release files and threads. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._idle.wait_for(lambda: self._inflight == 0)
+        self._engine.close()
+        with self._meta_cv:
+            self._meta_stop = True
+            self._meta_cv.notify()
+        self._meta_thread.join()
+        if self.flush() and not self._disabled:
+            for f in self._files:
+                try:
+                    os.fsync(f.fd)
+                except OSError as exc:
+                    logger.error("%s: fsync of %s failed: %s", self.name, f.path, exc)
+        self._close_files()
+
+    def __enter__(self) -> SsdBlockStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------- internals
+    def _close_files(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    def _check_slots(self, slots: list[int]) -> None:
+        bad = [s for s in slots if not 0 <= s < self.num_slots]
+        if bad:
+            raise ValueError(f"SSD slots out of range [0, {self.num_slots}): {bad[:8]}")
+
+    def _validate(self, pool, pool_slots, ssd_slots):
+        arr = pool if isinstance(pool, np.ndarray) else pool.numpy()
+        if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != self.slot_bytes \
+                or not arr.flags.c_contiguous:
+            raise ValueError(f"pool must be a contiguous uint8 [num_slots, {self.slot_bytes}] array, "
+                             f"got {arr.dtype} {tuple(arr.shape)}")
+        if arr.ctypes.data % ALIGN:
+            raise ValueError(f"pool memory must be {ALIGN}-byte aligned for O_DIRECT (use an mmap)")
+        pool_slots, ssd_slots = _as_ints(pool_slots), _as_ints(ssd_slots)
+        if len(pool_slots) != len(ssd_slots):
+            raise ValueError(f"{len(pool_slots)} pool slots for {len(ssd_slots)} SSD slots")
+        self._check_slots(ssd_slots)
+        bad = [p for p in pool_slots if not 0 <= p < arr.shape[0]]
+        if bad:
+            raise ValueError(f"pool slots out of range [0, {arr.shape[0]}): {bad[:8]}")
+        return pool_slots, ssd_slots, arr
+
+    def _fail_fast(self, n: int, write: bool) -> Future:
+        with self._lock:
+            if write:
+                self.stats.write_failed_blocks += n
+            else:
+                self.stats.read_failed_blocks += n
+        fut: Future = Future()
+        fut.set_result(IoResult([False] * n, 0))
+        return fut
+
+    def _new_batch(self, write, ssd_slots, keys, gens, sums) -> _Batch:
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+        with self._lock:
+            bid = self._next_batch
+            self._next_batch += 1
+            self._inflight += 1
+        return _Batch(bid, write, fut, ssd_slots, keys, gens, sums, [False] * len(ssd_slots), 0)
+
+    def _submit(self, batch: _Batch, rows: np.ndarray, todo: list[int], pool_slots: list[int]) -> None:
+        """Coalesce blocks adjacent on disk into vectored ops and hand them to the engine."""
+        order = sorted(todo, key=lambda i: (batch.ssd_slots[i] % self._n, batch.ssd_slots[i]))
+        max_run = max(1, min(IOV_MAX, _MAX_OP_BYTES // self.slot_bytes))
+        ops: list[IoOp] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            f, local = self._locate(batch.ssd_slots[run[0]])
+            bufs = [memoryview(rows[pool_slots[i]]) for i in run]
+            op = IoOp(batch.write, f.fd, str(f.path), f.data_off + local * self.slot_bytes, bufs,
+                      len(run) * self.slot_bytes, ctx=(batch, list(run)))
+            if batch.write:
+                op.before = lambda op=op: self._hash_op(op)
+            ops.append(op)
+
+        for i in order:
+            if run and (batch.ssd_slots[i] != batch.ssd_slots[run[-1]] + self._n or len(run) >= max_run):
+                flush()
+                run = []
+            run.append(i)
+        if run:
+            flush()
+        batch.remaining = len(ops)
+        if not ops:
+            self._finalize(batch)
+            return
+        self._engine.submit(ops, self._op_done)
+
+    @staticmethod
+    def _hash_op(op: IoOp) -> None:
+        batch, idx = op.ctx
+        for i, buf in zip(idx, op.bufs):
+            batch.sums[i] = xxh(buf)
+
+    def _op_done(self, op: IoOp, err: BaseException | None) -> None:
+        batch, idx = op.ctx
+        try:
+            if err is not None:
+                batch.errors.append(self._io_error(err, op))
+            elif batch.write:
+                for i in idx:
+                    batch.ok[i] = True
+            else:
+                for i, buf in zip(idx, op.bufs):
+                    if xxh(buf) == batch.sums[i]:
+                        batch.ok[i] = True
+                    else:
+                        self._corrupt(batch, i)
+        except BaseException as exc:  # noqa: BLE001 - never lose a batch
+            logger.exception("%s: batch %d: completion failed", self.name, batch.id)
+            batch.errors.append(repr(exc))
+            for i in idx:
+                batch.ok[i] = False
+        with batch.lock:
+            batch.remaining -= 1
+            last = batch.remaining == 0
+        if last:
+            self._finalize(batch)
+
+    def _corrupt(self, batch: _Batch, i: int) -> None:
+        s = batch.ssd_slots[i]
+        with self._lock:
+            if self._gens[s] != batch.gens[i]:
+                return  # overwritten or invalidated while we read it: a plain miss
+            self.stats.corrupt_blocks += 1
+            self._keys[s] = None
+            self._gens[s] += 1
+            self._set_record(s, None)
+            first = s not in self._logged_corrupt
+            self._logged_corrupt.add(s)
+        if first:
+            f, local = self._locate(s)
+            logger.warning("%s: checksum mismatch in slot %d (%s block %d, key %s): treated as a miss",
+                           self.name, s, f.path, local, batch.keys[i].hex())
+
+    def _finalize(self, batch: _Batch) -> None:
+        try:
+            if batch.write:
+                self._commit_write(batch)
+        except BaseException as exc:  # noqa: BLE001
+            logger.exception("%s: batch %d: finalize failed", self.name, batch.id)
+            batch.errors.append(repr(exc))
+            batch.ok = [False] * len(batch.ok)
+        n_ok = sum(batch.ok)
+        n_bad = len(batch.ok) - n_ok
+        with self._lock:
+            st = self.stats
+            if batch.write:
+                st.blocks_written += n_ok
+                st.bytes_written += n_ok * self.slot_bytes
+                st.write_failed_blocks += n_bad
+            else:
+                st.blocks_read += n_ok
+                st.bytes_read += n_ok * self.slot_bytes
+                st.read_failed_blocks += n_bad
+        if batch.errors:
+            logger.error("%s: %s batch %d: %d/%d blocks failed: %s", self.name,
+                         "write" if batch.write else "read", batch.id, n_bad, len(batch.ok),
+                         "; ".join(batch.errors[:3]))
+        batch.future.set_result(IoResult(batch.ok, n_ok * self.slot_bytes))
+        with self._lock:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def _commit_write(self, batch: _Batch) -> None:
+        """Data is on disk: publish the records in memory; the flusher persists them."""
+        if not self._check_files():
+            batch.errors.append(self.degraded_reason or "store disabled")
+            batch.ok = [False] * len(batch.ok)
+            return
+        with self._lock:
+            for i, s in enumerate(batch.ssd_slots):
+                if not batch.ok[i]:
+                    continue
+                if self._gens[s] != batch.gens[i]:
+                    batch.ok[i] = False  # superseded by a later write/invalidate of this slot
+                    continue
+                seq = self._seq
+                self._seq += 1
+                self._keys[s], self._sums[s], self._seqs[s] = batch.keys[i], batch.sums[i], seq
+                self._set_record(s, batch.keys[i], batch.sums[i], seq)
+        with self._meta_cv:
+            self._meta_pending = True
+            self._meta_cv.notify()
+
+    def _flusher(self) -> None:
+        """Group commit of metadata: writes every dirty record page, batching all the commits that
+        arrived while the previous flush ran. A block is readable (in this process) as soon as its
+        write completes; its record reaches the disk here, shortly after (see module docstring)."""
+        while True:
+            with self._meta_cv:
+                self._meta_cv.wait_for(lambda: self._meta_pending or self._meta_stop)
+                # Let commits gather for a moment: with scattered slots every commit dirties its
+                # own 4 KiB page, and one flush per batch would add a random write per block.
+                self._meta_cv.wait_for(lambda: self._meta_stop, timeout=_META_FLUSH_DELAY_S)
+                if self._meta_stop:
+                    return
+                self._meta_pending = False
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write all dirty metadata pages now. False (store degraded, one log line) on failure."""
+        ok = True
+        for f in list(self._files):
+            if self._disabled:
+                return False
+            try:
+                f.flush(self._inject)
+            except BaseException as exc:  # noqa: BLE001 - reported as degradation
+                self._io_error(exc, f"metadata flush of {f.path}")
+                ok = False
+        return ok
