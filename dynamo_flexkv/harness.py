@@ -43,7 +43,7 @@ class EngineHost:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, model, engine_kwargs, {**DEFAULT_ENV, **(env or {})}),
-                                   daemon=True)
+                                   daemon=False)  # vLLM may spawn TP workers from it
         self.process.start()
         child.close()
         reply = self._receive(start_timeout_s)
