@@ -319,6 +319,8 @@ class SsdBlockStore:
                 self._set_record(s, None)
                 self._logged_corrupt.discard(s)
         batch = self._new_batch(True, ssd_slots, keys, gens, [0] * n)
+        if batch is None:
+            return self._fail_fast(n, write=True)
         self._submit(batch, rows, list(range(n)), pool_slots)
         return batch.future
 
@@ -342,6 +344,8 @@ class SsdBlockStore:
                     todo.append(i)
                     sums[i], gens[i] = self._sums[s], self._gens[s]
         batch = self._new_batch(False, ssd_slots, keys, gens, sums)
+        if batch is None:
+            return self._fail_fast(n, write=False)
         self._submit(batch, rows, todo, pool_slots)
         return batch.future
 
@@ -428,17 +432,33 @@ class SsdBlockStore:
         fut.set_result(IoResult([False] * n, 0))
         return fut
 
-    def _new_batch(self, write, ssd_slots, keys, gens, sums) -> _Batch:
+    def _new_batch(self, write, ssd_slots, keys, gens, sums) -> _Batch | None:
+        """A registered in-flight batch, or None once close() has begun."""
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
         with self._lock:
+            if self._closed:
+                return None
             bid = self._next_batch
             self._next_batch += 1
             self._inflight += 1
         return _Batch(bid, write, fut, ssd_slots, keys, gens, sums, [False] * len(ssd_slots), 0)
 
     def _submit(self, batch: _Batch, rows: np.ndarray, todo: list[int], pool_slots: list[int]) -> None:
-        """Coalesce blocks adjacent on disk into vectored ops and hand them to the engine."""
+        try:
+            ops = self._plan(batch, rows, todo, pool_slots)
+            batch.remaining = len(ops)
+        except BaseException as exc:  # noqa: BLE001 - a registered batch must always finalize
+            logger.exception("%s: batch %d: planning failed", self.name, batch.id)
+            batch.errors.append(repr(exc))
+            ops = []
+        if not ops:
+            self._finalize(batch)
+            return
+        self._engine.submit(ops, self._op_done)  # engines report every op, even when closed
+
+    def _plan(self, batch: _Batch, rows: np.ndarray, todo: list[int], pool_slots: list[int]) -> list[IoOp]:
+        """Coalesce blocks adjacent on disk into vectored ops (at most _MAX_OP_BYTES each)."""
         order = sorted(todo, key=lambda i: (batch.ssd_slots[i] % self._n, batch.ssd_slots[i]))
         max_run = max(1, min(IOV_MAX, _MAX_OP_BYTES // self.slot_bytes))
         ops: list[IoOp] = []
@@ -460,11 +480,7 @@ class SsdBlockStore:
             run.append(i)
         if run:
             flush()
-        batch.remaining = len(ops)
-        if not ops:
-            self._finalize(batch)
-            return
-        self._engine.submit(ops, self._op_done)
+        return ops
 
     @staticmethod
     def _hash_op(op: IoOp) -> None:

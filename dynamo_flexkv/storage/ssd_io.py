@@ -40,7 +40,7 @@ import queue
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class IoOp:
     # Opaque to the engine: which blocks of which batch this op carries.
     ctx: Any = None
     done_bytes: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
@@ -180,6 +179,10 @@ def uring_available() -> tuple[bool, str]:
         import liburing  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         return False, f"the liburing Python binding is not installed ({exc})"
+    if not hasattr(liburing, "io_uring"):
+        # liburing >= 2026 is a different (Zig) API whose wheels also die with SIGILL on CPUs
+        # without AVX-512: never touch it.
+        return False, "liburing's Cython API (liburing==2024.5.3) is required"
     try:
         ring = liburing.io_uring()
         liburing.io_uring_queue_init(8, ring)

@@ -64,3 +64,17 @@ def test_shared_prefix_concurrency_matches_reference(reference, flexkv):
     got = flexkv.generate(prompts, max_tokens=6)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert flexkv.flexkv_state()["loaded_tokens"] > 0
+
+
+def test_two_tensor_parallel_ranks_each_save_and_load_their_shard(tiny_model):
+    """TP=2: every slot holds both ranks' shards. Outputs served from the CPU tier must equal the
+    same engine's own first answers (TP changes the arithmetic, so the TP=1 reference differs)."""
+    rng = random.Random(9)
+    prompts = [random_prompt(rng, n) for n in (70, 200, 333)]
+    engine = {**ENGINE, "tensor_parallel_size": 2, "kv_transfer_config": COMPAT_CONFIG}
+    with EngineHost(tiny_model, engine, env={"FLEXKV_CPU_CACHE_GB": "0.25"}) as host:
+        first = host.generate(prompts, max_tokens=8, one_at_a_time=True)
+        push_out_of_gpu_cache(host, rng)
+        again = host.generate(prompts, max_tokens=8, one_at_a_time=True)
+    assert [c.flexkv_tokens for c in again] == [len(p) // BLOCK * BLOCK for p in prompts]
+    assert [c.token_ids for c in again] == [c.token_ids for c in first]
