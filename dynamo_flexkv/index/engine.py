@@ -136,15 +136,13 @@ class CacheEngine:
         if staged_at:
             staged_keys = [keys[i] for i in staged_at]
             parents = [keys[i - 1] if i else first_parent for i in staged_at]
-            result = top.allocate(staged_keys, parents)
-            self._stats.evicted_blocks[top.name] += len(result.evicted)
-            self._announce_removed(top.name, result.evicted)
-            placed = len(result.slots)
+            slots = self._allocate(top, staged_keys, parents)
+            placed = len(slots)
             if placed < len(staged_at):  # no room for the rest: load the prefix before it
                 cut = staged_at[placed]
                 top.unlock([key for key in keys[cut:] if key in slots_of])
                 keys, staged_at = keys[:cut], staged_at[:placed]
-            slots_of.update(zip(staged_keys, result.slots))
+            slots_of.update(zip(staged_keys, slots))
         if not keys:
             return None
         staged = []
@@ -282,13 +280,11 @@ class CacheEngine:
         if not new_keys:
             return None
 
-        result = tier.allocate(new_keys, new_parents)
-        self._stats.evicted_blocks[tier.name] += len(result.evicted)
-        self._announce_removed(tier.name, result.evicted)
-        placed = len(result.slots)
+        slots = self._allocate(tier, new_keys, new_parents)
+        placed = len(slots)
         if placed == 0:
             return None
-        plan = StorePlan(request_id, tier.name, tuple(new_keys[:placed]), tuple(result.slots))
+        plan = StorePlan(request_id, tier.name, tuple(new_keys[:placed]), tuple(slots))
         self._stores[request_id] = _PendingStore(plan, tuple(new_parents[:placed]))
         return plan
 
@@ -336,15 +332,13 @@ class CacheEngine:
             new_parents.append(parent)
         if not new_keys:
             return None
-        result = dst.allocate(new_keys, new_parents)
-        self._stats.evicted_blocks[dst.name] += len(result.evicted)
-        self._announce_removed(dst.name, result.evicted)
-        placed = len(result.slots)
+        slots = self._allocate(dst, new_keys, new_parents)
+        placed = len(slots)
         if placed == 0:
             return None
         keys_placed = tuple(new_keys[:placed])
         plan = SpillPlan(next(self._spill_ids), src.name, dst.name, keys_placed, tuple(new_parents[:placed]),
-                         tuple(src.lock(keys_placed)), tuple(result.slots))
+                         tuple(src.lock(keys_placed)), tuple(slots))
         self._spills[plan.spill_id] = plan
         return plan
 
@@ -412,6 +406,13 @@ class CacheEngine:
 
     def pending_stores(self) -> dict[str, StorePlan]:
         return {rid: pending.plan for rid, pending in self._stores.items()}
+
+    def _allocate(self, tier: TierIndex, keys: list[bytes], parents: list[bytes | None]) -> list:
+        """Slots for the longest placeable prefix of ``keys``; evictions are counted and announced."""
+        result = tier.allocate(keys, parents)
+        self._stats.evicted_blocks[tier.name] += len(result.evicted)
+        self._announce_removed(tier.name, result.evicted)
+        return result.slots
 
     def _announce_removed(self, tier: str, keys: list[bytes]) -> None:
         if keys and self._record_events:
