@@ -156,6 +156,12 @@ class FlexKVSettings(BaseModel):
             "x-default": "unset (auto: unique per instance)",
         },
     )
+    layerwise_load: bool = Field(
+        True,
+        description="Load CPU-tier hits in the same step as the forward pass, layer by layer (layer i "
+        "computes while layer i+1 is still arriving). Off: every hit is loaded between steps. Hits "
+        "that must first come up from SSD are always loaded between steps.",
+    )
     log_level: LogLevel = Field(
         "INFO",
         description="Log level of dynamo-flexkv's own loggers.",

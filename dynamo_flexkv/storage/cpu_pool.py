@@ -53,6 +53,25 @@ def sweep_stale_pools(shm_dir: Path = SHM_DIR) -> list[str]:
     return removed
 
 
+def claim_pool_owner(name: str, shm_dir: Path = SHM_DIR) -> int:
+    """Take the one owner seat of pool `name` (its scheduler's); returns the lock fd to keep open.
+
+    Two live instances with the same identity (a pinned FLEXKV_SERVER_RECV_PORT) would write the same
+    slots under two different indexes, so the second one must not start.
+    """
+    path = shm_dir / f"{name}.owner"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"another running vLLM instance already uses the FlexKV cache {name!r}: give each instance "
+            "its own FLEXKV_SERVER_RECV_PORT (or leave it unset for a unique one)"
+        ) from None
+    return fd
+
+
 class CpuBlockPool:
     """A `[num_slots, slot_bytes]` uint8 tensor over a named shared-memory file."""
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dynamo_flexkv.storage.cpu_pool import CpuBlockPool, sweep_stale_pools
+from dynamo_flexkv.storage.cpu_pool import CpuBlockPool, claim_pool_owner, sweep_stale_pools
 from dynamo_flexkv.storage.layout import PoolGeometry
 
 
@@ -62,3 +62,11 @@ def test_a_held_lock_protects_the_pool(tmp_path):
     finally:
         os.close(fd)
     assert sweep_stale_pools(tmp_path) == ["dynamo-flexkv-held"]
+
+
+def test_one_owner_per_pool_identity(tmp_path):
+    fd = claim_pool_owner("dynamo-flexkv-pinned", shm_dir=tmp_path)
+    with pytest.raises(ValueError, match="FLEXKV_SERVER_RECV_PORT"):
+        claim_pool_owner("dynamo-flexkv-pinned", shm_dir=tmp_path)
+    os.close(fd)  # the owner died: the next instance may take over
+    os.close(claim_pool_owner("dynamo-flexkv-pinned", shm_dir=tmp_path))

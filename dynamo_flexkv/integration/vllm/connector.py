@@ -27,6 +27,7 @@ from dynamo_flexkv.integration.vllm.instance import describe_instance
 from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
 from dynamo_flexkv.logs import configure_logging
+from dynamo_flexkv.storage.cpu_pool import claim_pool_owner
 from dynamo_flexkv.storage.ssd import gds_available
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class FlexKVConnector(FlexKVConnectorV1):
         # Validate every setting first: a bad value fails here, before vLLM allocates its KV cache.
         settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
         configure_logging(settings.log_level)
+        self._metrics = settings.enable_metrics
         facts = describe_instance(vllm_config, kv_cache_config, settings)
         if settings.enable_gds:
             require_gds()
@@ -76,6 +78,7 @@ class FlexKVConnector(FlexKVConnectorV1):
 
             kv_events = vllm_config.kv_events_config
             publish = bool(kv_events and kv_events.enable_kv_cache_events)
+            self._owner_lock = claim_pool_owner(facts.identity)  # held for the life of the process
             self._scheduler = SchedulerSide(facts, settings, publish_events=publish)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -126,7 +129,11 @@ class FlexKVConnector(FlexKVConnectorV1):
         self._worker.start_loads(metadata)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete between steps (async), not per layer
+        self._worker.wait_for_layer_load(layer_name)
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return load_settings(extra_config).layerwise_load  # per-layer waits cannot be graph-captured
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
         return  # saves happen when a request finishes, for whole blocks
@@ -147,7 +154,8 @@ class FlexKVConnector(FlexKVConnectorV1):
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         side = self._worker or self._scheduler
-        return side.take_stats()
+        stats = side.take_stats()
+        return stats if self._metrics else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from dynamo_flexkv.index.plans import Cleared, Removed, Stored, TierEvent
@@ -49,7 +49,11 @@ class EventTranslator:
                 out.append(BlockRemoved(block_hashes=[maybe_convert_block_hash(k) for k in event.keys], medium=medium))
                 self._left(event.keys)
             elif isinstance(event, Cleared):
-                out.append(AllBlocksCleared())
+                # vLLM's AllBlocksCleared names no medium: the router would forget this worker's GPU
+                # (and other tiers') blocks too. Remove exactly what left this tier instead.
+                if event.keys:
+                    out.append(BlockRemoved(block_hashes=[maybe_convert_block_hash(k) for k in event.keys],
+                                            medium=medium))
                 self._left(event.keys)
         return out
 

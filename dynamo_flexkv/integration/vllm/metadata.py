@@ -26,19 +26,24 @@ class BlockTransfer:
 
 @dataclass
 class FlexKVStepMetadata(KVConnectorMetadata):
-    loads: list[BlockTransfer] = field(default_factory=list)  # pool -> vLLM cache
-    saves: list[BlockTransfer] = field(default_factory=list)  # vLLM cache -> pool
+    layerwise_loads: list[BlockTransfer] = field(default_factory=list)  # pool -> cache, used this step
+    loads: list[BlockTransfer] = field(default_factory=list)  # pool -> cache, between steps
+    saves: list[BlockTransfer] = field(default_factory=list)  # cache -> pool
 
 
 @dataclass
 class FlexKVWorkerReport(KVConnectorWorkerMetadata):
-    """Transfers a worker could not complete; merged over TP ranks (any rank failing fails it)."""
+    """What a worker finished that vLLM does not report itself (layer-wise loads complete inside a
+    step) and what it could not complete; merged over TP ranks (any rank failing fails it)."""
 
     failed_loads: set[str] = field(default_factory=set)
     failed_saves: set[str] = field(default_factory=set)
+    done_layerwise: set[str] = field(default_factory=set)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, FlexKVWorkerReport)
         return FlexKVWorkerReport(
-            self.failed_loads | other.failed_loads, self.failed_saves | other.failed_saves
+            self.failed_loads | other.failed_loads,
+            self.failed_saves | other.failed_saves,
+            self.done_layerwise | other.done_layerwise,
         )

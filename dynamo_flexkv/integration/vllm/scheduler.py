@@ -44,6 +44,7 @@ SHUTDOWN_TIMEOUT_S = 30
 class SchedulerSide:
     def __init__(self, facts: InstanceFacts, settings: FlexKVSettings, publish_events: bool):
         self.block_size = facts.block_size
+        self.layerwise = settings.layerwise_load
         policy = settings.eviction_policy
         num_slots = facts.geometry.num_slots
         tiers = [TierIndex(CPU_TIER, num_slots, make_policy(policy, num_slots))]
@@ -61,7 +62,8 @@ class SchedulerSide:
         self._reported = self.engine.snapshot()
         # request id -> (first block index of the hit, its locked plan), awaiting allocation
         self._matched: dict[str, tuple[int, LoadPlan]] = {}
-        self._loading: dict[str, LoadPlan] = {}
+        self._loading: dict[str, LoadPlan] = {}  # loads between steps, reported by vLLM
+        self._loading_layerwise: dict[str, LoadPlan] = {}  # loads inside a step, reported by workers
         self._staging: dict[str, tuple[int, ...]] = {}  # request id -> GPU block ids awaiting staging
         self._saving: dict[str, StorePlan] = {}
         self._step = FlexKVStepMetadata()
@@ -82,13 +84,19 @@ class SchedulerSide:
             return 0, False
         first_parent = request.block_hashes[first - 1] if first else None
         plan = self.engine.prepare_load(request_id, keys[:hits], first_parent)  # replaces an earlier match
+        if plan is not None and self.layerwise and not plan.staged:
+            # Computed in this very step: leave vLLM at least one prompt token to compute.
+            most = (request.num_tokens - 1) // self.block_size - first
+            if len(plan.keys) > most:
+                plan = self.engine.prepare_load(request_id, plan.keys[:most], first_parent) if most > 0 else None
         if plan is None:
-            self._matched.pop(request_id, None)
+            self._release_match(request_id)
             return 0, False
         if self.events is not None and plan.staged:
             self._remember_tokens(request, [first + s.index for s in plan.staged], [plan.keys[s.index] for s in plan.staged])
         self._matched[request_id] = (first, plan)
-        return len(plan.keys) * self.block_size, True
+        load_async = bool(plan.staged) or not self.layerwise
+        return len(plan.keys) * self.block_size, load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         request_id = request.request_id
@@ -104,12 +112,16 @@ class SchedulerSide:
             first_parent = request.block_hashes[first - 1] if first else None
             plan = self.engine.prepare_load(request_id, plan.keys[:count], first_parent)
         block_ids = tuple(blocks.get_block_ids()[0][first : first + count])
-        self._loading[request_id] = plan
         self.loaded_tokens += count * self.block_size
         if plan.staged:
+            self._loading[request_id] = plan
             self.lower_io.stage(plan)
             self._staging[request_id] = block_ids
+        elif self.layerwise:
+            self._loading_layerwise[request_id] = plan
+            self._step.layerwise_loads.append(BlockTransfer(request_id, block_ids, plan.slots))
         else:
+            self._loading[request_id] = plan
             self._step.loads.append(BlockTransfer(request_id, block_ids, plan.slots))
         logger.debug("load scheduled: request=%s blocks=%d staged=%d", request_id, count, len(plan.staged))
 
@@ -171,15 +183,13 @@ class SchedulerSide:
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         report = output.kv_connector_worker_meta
-        failed_loads = report.failed_loads if isinstance(report, FlexKVWorkerReport) else set()
-        failed_saves = report.failed_saves if isinstance(report, FlexKVWorkerReport) else set()
+        if not isinstance(report, FlexKVWorkerReport):
+            report = FlexKVWorkerReport()
+        for request_id in report.done_layerwise:
+            self._complete_load(self._loading_layerwise.pop(request_id, None), report)
         for request_id in output.finished_recving or ():
-            plan = self._loading.pop(request_id, None)
-            if plan is not None:
-                ok = request_id not in failed_loads
-                self.engine.complete_load(request_id, success=ok, bad_keys=() if ok else plan.keys)
-                if not ok:
-                    logger.warning("load failed, blocks dropped and recomputed: request=%s", request_id)
+            self._complete_load(self._loading.pop(request_id, None), report)
+        failed_saves = report.failed_saves
         for request_id in output.finished_sending or ():
             plan = self._saving.pop(request_id, None)
             if plan is not None:
@@ -191,6 +201,15 @@ class SchedulerSide:
                     logger.warning("save failed, slots released: request=%s", request_id)
         if self.lower_io is not None:
             self._advance_lower_tier()  # start the write-through at once: it holds CPU blocks
+
+    def _complete_load(self, plan: LoadPlan | None, report: FlexKVWorkerReport) -> None:
+        if plan is None:
+            return
+        request_id = plan.request_id
+        ok = request_id not in report.failed_loads
+        self.engine.complete_load(request_id, success=ok, bad_keys=() if ok else plan.keys)
+        if not ok:
+            logger.warning("load failed, blocks dropped and recomputed: request=%s", request_id)
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         tier_events = self.engine.take_events()
@@ -226,7 +245,7 @@ class SchedulerSide:
     @property
     def num_inflight(self) -> int:
         lower = self.lower_io.num_pending if self.lower_io is not None else 0
-        return len(self._loading) + len(self._saving) + lower
+        return len(self._loading) + len(self._loading_layerwise) + len(self._saving) + lower
 
     def shutdown(self) -> None:
         """Let in-flight SSD writes land (bounded), so a restart finds them."""

@@ -1,25 +1,59 @@
 """Worker-role half of the connector: owns this rank's KV tensors and moves the bytes.
 
-Copies run on a background thread (see `TransferExecutor`) so the engine's step never waits for them;
-`get_finished` reports what completed. A failed load reports its blocks as load errors, so vLLM
-recomputes them; a failed save is reported back so the scheduler releases the slots unannounced.
+Three kinds of transfer arrive in each step's metadata:
+- *layer-wise loads* (CPU-tier hits the scheduler let vLLM compute on in this very step): started in
+  `start_load_kv`, before the forward; `wait_for_layer_load(layer)` makes that layer's attention wait
+  for its bytes only. If the engine never calls the per-layer hook (some attention backends do not),
+  the whole load is awaited up front instead — slower, never wrong.
+- *async loads* (hits staged from SSD): the request waits outside the batch until `get_finished`
+  reports them.
+- *saves* (finished requests): started in `wait_for_save`, ordered after the forward that wrote the
+  blocks; vLLM keeps the GPU blocks until `get_finished` reports them.
+A failed load reports its blocks as load errors, so vLLM recomputes them; a failed save is reported
+back so the scheduler releases the slots unannounced.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from dynamo_flexkv.integration.vllm.instance import InstanceFacts
-from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata, FlexKVWorkerReport
+from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
 from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout
-from dynamo_flexkv.transfer.copier import BlockCopier
-from dynamo_flexkv.transfer.executor import TransferExecutor
+from dynamo_flexkv.transfer.copier import BlockCopier, make_copier
+from dynamo_flexkv.transfer.layerwise import (
+    LayerwiseLoad,
+    TransferHandle,
+    start_layerwise_load,
+    start_load,
+    start_save,
+)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    job: BlockTransfer
+    kind: str  # "load" or "save"
+    handle: TransferHandle | None  # None: it failed to start
+
+
+def _finished_ok(handle: TransferHandle | None) -> bool:
+    """Whether a finished transfer landed every byte (CUDA handles raise their error here)."""
+    if handle is None:
+        return False
+    try:
+        handle.synchronize()
+        return True
+    except Exception:  # a failed copy degrades to recompute, never crashes the engine
+        logger.exception("transfer failed")
+        return False
 
 
 class WorkerSide:
@@ -29,8 +63,10 @@ class WorkerSide:
         self.num_blocks = num_blocks
         self.pool: CpuBlockPool | None = None
         self.copier: BlockCopier | None = None
-        self.executor = TransferExecutor()
-        self._load_blocks: dict[str, tuple[int, ...]] = {}
+        self._layer_index: dict[str, int] = {}
+        self._in_flight: list[_InFlight] = []
+        self._layerwise: list[tuple[BlockTransfer, LayerwiseLoad | None]] = []
+        self._hooks_seen = False
         self._load_errors: set[int] = set()
         self._report = FlexKVWorkerReport()
         self.stats = FlexKVStats()
@@ -38,45 +74,88 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout = KVCacheLayout(kv_caches, self.num_blocks)
         self.pool = CpuBlockPool(self.facts.identity, self.facts.geometry)
-        self.copier = BlockCopier(layout, self.pool.tensor, self.facts.geometry, self.rank)
+        self.copier = make_copier(layout, self.pool.tensor, self.facts.geometry, self.rank)
+        self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
         logger.info(
-            "worker ready: rank=%d layers=%d block_bytes=%d batched=%s device=%s",
-            self.rank, len(layout.layer_names), layout.shard_bytes, layout.stacked is not None, layout.device,
+            "worker ready: rank=%d layers=%d block_bytes=%d copier=%s device=%s",
+            self.rank, len(layout.layer_names), layout.shard_bytes, type(self.copier).__name__, layout.device,
         )
+
+    def _start(self, job: BlockTransfer, kind: str, start) -> TransferHandle | None:
+        try:
+            return start()
+        except Exception:  # e.g. a bad block id: fail this transfer, keep serving
+            logger.exception("%s of request %s could not start", kind, job.request_id)
+            return None
+
+    # --- loads ---------------------------------------------------------------------------------
 
     def start_loads(self, metadata: FlexKVStepMetadata) -> None:
         copier = self.copier
-        assert copier is not None, "register_kv_caches was not called"
+        for job in metadata.layerwise_loads:
+            load = self._start(job, "load", lambda job=job: start_layerwise_load(copier, job.slots, job.block_ids))
+            if load is not None and not self._hooks_seen:
+                load.wait_all()  # no per-layer hook seen yet: the forward must find every layer landed
+            self._layerwise.append((job, load))
         for job in metadata.loads:
-            self._load_blocks[job.request_id] = job.block_ids
             self._load_errors.update(job.unavailable)
-            self.executor.submit(job.request_id, "load", lambda job=job: copier.load(job.slots, job.block_ids))
+            handle = self._start(job, "load", lambda job=job: start_load(copier, job.slots, job.block_ids))
+            self._in_flight.append(_InFlight(job, "load", handle))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._hooks_seen = True
+        if self._layerwise:
+            index = self._layer_index[layer_name]
+            for _, load in self._layerwise:
+                if load is not None:
+                    load.wait_layer(index)
+
+    def _finish_layerwise_loads(self) -> None:
+        """End of the step: the forward consumed them; record failures for vLLM to recompute."""
+        for job, load in self._layerwise:
+            self._report.done_layerwise.add(job.request_id)
+            if _finished_ok(load):
+                self.stats.add("loaded_bytes", load.nbytes)
+            else:
+                self._load_errors.update(job.block_ids)
+                self._report.failed_loads.add(job.request_id)
+                self.stats.add("failed_loads", 1)
+        self._layerwise.clear()
+
+    # --- saves and completions ----------------------------------------------------------------
 
     def start_saves(self, metadata: FlexKVStepMetadata) -> None:
+        self._finish_layerwise_loads()
         copier = self.copier
-        assert copier is not None, "register_kv_caches was not called"
         for job in metadata.saves:
-            self.executor.submit(job.request_id, "save", lambda job=job: copier.save(job.block_ids, job.slots))
+            handle = self._start(job, "save", lambda job=job: start_save(copier, job.block_ids, job.slots))
+            self._in_flight.append(_InFlight(job, "save", handle))
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         saved, loaded = set(), set()
-        for result in self.executor.poll():
-            if result.kind == "load":
-                loaded.add(result.job_id)
-                block_ids = self._load_blocks.pop(result.job_id, ())
-                if result.ok:
-                    self.stats.add("loaded_bytes", result.bytes_moved)
+        still = []
+        for t in self._in_flight:
+            if t.handle is not None and not t.handle.done():
+                still.append(t)
+                continue
+            ok = _finished_ok(t.handle)
+            request_id = t.job.request_id
+            if t.kind == "load":
+                loaded.add(request_id)
+                if ok:
+                    self.stats.add("loaded_bytes", t.handle.nbytes)
                 else:
-                    self._load_errors.update(block_ids)
-                    self._report.failed_loads.add(result.job_id)
+                    self._load_errors.update(t.job.block_ids)
+                    self._report.failed_loads.add(request_id)
                     self.stats.add("failed_loads", 1)
             else:
-                saved.add(result.job_id)
-                if result.ok:
-                    self.stats.add("saved_bytes", result.bytes_moved)
+                saved.add(request_id)
+                if ok:
+                    self.stats.add("saved_bytes", t.handle.nbytes)
                 else:
-                    self._report.failed_saves.add(result.job_id)
+                    self._report.failed_saves.add(request_id)
                     self.stats.add("failed_saves", 1)
+        self._in_flight = still
         return saved, loaded
 
     def take_load_errors(self) -> set[int]:
@@ -84,9 +163,10 @@ class WorkerSide:
         return errors
 
     def take_report(self) -> FlexKVWorkerReport | None:
-        if not (self._report.failed_loads or self._report.failed_saves):
+        report = self._report
+        if not (report.failed_loads or report.failed_saves or report.done_layerwise):
             return None
-        report, self._report = self._report, FlexKVWorkerReport()
+        self._report = FlexKVWorkerReport()
         return report
 
     def take_stats(self) -> FlexKVStats | None:
@@ -96,6 +176,10 @@ class WorkerSide:
         return stats
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        for t in self._in_flight:
+            _finished_ok(t.handle)
+        close = getattr(self.copier, "close", None)
+        if close is not None:
+            close()
         if self.pool is not None:
             self.pool.unlink()

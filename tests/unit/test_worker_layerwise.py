@@ -1,0 +1,68 @@
+"""The worker's layer-wise loads: per-layer waits once vLLM calls the per-layer hook, and a whole-load
+wait before the forward while it has not (engines whose attention never calls it)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from dynamo_flexkv.integration.vllm import worker as worker_module  # noqa: E402
+from dynamo_flexkv.integration.vllm.instance import InstanceFacts  # noqa: E402
+from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata  # noqa: E402
+from dynamo_flexkv.storage.layout import PoolGeometry  # noqa: E402
+
+NUM_BLOCKS, LAYERS = 8, 3
+
+
+class RecordingLoad:
+    """Stands in for a CUDA layer-wise load: records which waits the worker issued."""
+
+    def __init__(self, log: list):
+        self.log, self.nbytes = log, 0
+
+    def wait_layer(self, index: int, *, host: bool = False) -> None:
+        self.log.append(("layer", index))
+
+    def wait_all(self, *, host: bool = False) -> int:
+        self.log.append("all")
+        return 0
+
+    def synchronize(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def worker():
+    caches = {f"layer.{i}": torch.zeros(NUM_BLOCKS, 2, 16, 128, dtype=torch.bfloat16) for i in range(LAYERS)}
+    shard = LAYERS * 2 * 16 * 128 * 2
+    facts = InstanceFacts(f"dynamo-flexkv-test-{uuid.uuid4().hex[:8]}", 16, PoolGeometry(4, shard, 1), {})
+    side = worker_module.WorkerSide(facts, rank=0, num_blocks=NUM_BLOCKS)
+    side.register_kv_caches(caches)
+    yield side
+    side.shutdown()
+
+
+def step(worker, monkeypatch, log) -> None:
+    monkeypatch.setattr(worker_module, "start_layerwise_load", lambda copier, slots, ids: RecordingLoad(log))
+    worker.start_loads(FlexKVStepMetadata(layerwise_loads=[BlockTransfer("r", (1, 2), (0, 1))]))
+
+
+def test_without_hooks_the_whole_load_lands_before_the_forward(worker, monkeypatch):
+    log: list = []
+    step(worker, monkeypatch, log)
+    assert log == ["all"]
+
+
+def test_after_a_hook_each_layer_waits_only_for_itself(worker, monkeypatch):
+    worker.wait_for_layer_load("layer.0")  # the engine calls the per-layer hook
+    log: list = []
+    step(worker, monkeypatch, log)
+    for name in ("layer.0", "layer.1", "layer.2"):
+        worker.wait_for_layer_load(name)
+    assert log == [("layer", 0), ("layer", 1), ("layer", 2)]
+    worker.start_saves(FlexKVStepMetadata())  # end of step: reported done
+    assert worker.take_report().done_layerwise == {"r"}
