@@ -52,13 +52,29 @@ class PoolGeometry:
         return cls(capacity_bytes // per_slot, shard_bytes, world_size)
 
 
-def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
-    """The same memory as `tensor`, as uint8 with the last dimension widened to bytes."""
-    if tensor.dtype == torch.uint8:
-        return tensor
-    if tensor.stride(-1) != 1:
-        raise ValueError(f"KV tensor's last dimension must be contiguous, got strides {tensor.stride()}")
-    return tensor.view(torch.uint8)
+def _block_byte_view(plane: torch.Tensor) -> torch.Tensor:
+    """`[num_blocks, block_bytes]` uint8 view of a `[num_blocks, ...]` plane whose blocks are dense.
+
+    A block need not be contiguous in torch's sense, only dense: vLLM registers HND caches as a
+    permuted view with the NHD shape, and a copy of whole blocks does not care how a block orders its
+    elements inside.
+    """
+    inner = sorted(zip(plane.stride()[1:], plane.shape[1:]))
+    expected = 1
+    for stride, size in inner:
+        if size != 1 and stride != expected:
+            raise ValueError(
+                f"each block of a KV tensor must be dense, got shape {tuple(plane.shape)} strides {plane.stride()}"
+            )
+        expected *= size
+    element = plane.element_size()
+    storage = torch.empty(0, dtype=torch.uint8, device=plane.device).set_(plane.untyped_storage())
+    return torch.as_strided(
+        storage,
+        size=(plane.shape[0], expected * element),
+        stride=(plane.stride(0) * element, 1),
+        storage_offset=plane.storage_offset() * element,
+    )
 
 
 def _segments_of(tensor: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
@@ -72,13 +88,7 @@ def _segments_of(tensor: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
             f"cannot find the block dimension ({num_blocks} blocks) in a KV tensor of shape "
             f"{tuple(tensor.shape)}; supported: [num_blocks, ...] and [2, num_blocks, ...]"
         )
-    segments = []
-    for plane in planes:
-        flat = _byte_view(plane).flatten(1) if plane[0].is_contiguous() else None
-        if flat is None:
-            raise ValueError(f"each block of a KV tensor must be contiguous (shape {tuple(plane.shape)})")
-        segments.append(flat)
-    return segments
+    return [_block_byte_view(plane) for plane in planes]
 
 
 class KVCacheLayout:

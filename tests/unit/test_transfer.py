@@ -319,8 +319,6 @@ def test_pinning_without_cuda():
         pin_host_memory(t, strict=True)
 
 
-@pytest.mark.xfail(reason="KVCacheLayout needs dense (not only contiguous) blocks to take vLLM's permuted HND view",
-                   strict=False)
 def test_vllm_permuted_hnd_view_round_trip(pool_factory):
     """vLLM registers HND caches as a permutation of the NHD shape over HND-ordered memory."""
     gen = torch.Generator().manual_seed(9)
@@ -334,4 +332,6 @@ def test_vllm_permuted_hnd_view_round_trip(pool_factory):
     copier.save([3, 4], [0, 1])
     before = [t[:, 3].clone() for t in caches.values()]
     copier.load([0, 1], [7, 8])
-    assert all(torch.equal(b, t[:, 7]) for b, t in zip(before, caches.values()))
+    # compare bits: random bytes viewed as bf16 include NaNs, which never compare equal
+    assert all(torch.equal(b.view(torch.int16), t[:, 7].contiguous().view(torch.int16))
+               for b, t in zip(before, caches.values()))
