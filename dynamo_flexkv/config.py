@@ -148,9 +148,9 @@ class FlexKVSettings(BaseModel):
     )
     server_recv_port: Optional[str] = Field(
         None,
-        description="FlexKV-style address that identifies this instance's cache server. Leave "
-        "unset: each vLLM instance then derives a unique one. Two instances given the same "
-        "value would share one cache server.",
+        description="FlexKV-style address that names this instance's cache (its shared-memory "
+        "pool). Leave unset: each vLLM instance then derives a unique one. A second live instance "
+        "given the same value fails at start-up instead of sharing the cache.",
         json_schema_extra={
             "x-allowed": "unset, or an address starting with ipc:// or tcp:// (tcp://host:port)",
             "x-default": "unset (auto: unique per instance)",
