@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 POOL_PREFIX = "dynamo-flexkv-"
+OWNER_SUFFIX = ".owner"
 
 
 def sweep_stale_pools(shm_dir: Path = SHM_DIR) -> list[str]:
@@ -38,8 +39,8 @@ def sweep_stale_pools(shm_dir: Path = SHM_DIR) -> list[str]:
         except OSError:
             continue
         try:
-            if os.fstat(fd).st_size == 0:
-                continue  # being created: its creator locks it right after sizing it
+            if os.fstat(fd).st_size == 0 and not path.name.endswith(OWNER_SUFFIX):
+                continue  # a pool being created: its creator locks it right after sizing it
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             continue  # in use
@@ -59,17 +60,28 @@ def claim_pool_owner(name: str, shm_dir: Path = SHM_DIR) -> int:
     Two live instances with the same identity (a pinned FLEXKV_SERVER_RECV_PORT) would write the same
     slots under two different indexes, so the second one must not start.
     """
-    path = shm_dir / f"{name}.owner"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(
-            f"another running vLLM instance already uses the FlexKV cache {name!r}: give each instance "
-            "its own FLEXKV_SERVER_RECV_PORT (or leave it unset for a unique one)"
-        ) from None
-    return fd
+    path = shm_dir / f"{name}{OWNER_SUFFIX}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"another running vLLM instance already uses the FlexKV cache {name!r}: give each instance "
+                "its own FLEXKV_SERVER_RECV_PORT (or leave it unset for a unique one)"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a sweeper removed the file between open and lock: take the new one
+
+
+def release_pool_owner(name: str, fd: int, shm_dir: Path = SHM_DIR) -> None:
+    (shm_dir / f"{name}{OWNER_SUFFIX}").unlink(missing_ok=True)
+    os.close(fd)
 
 
 class CpuBlockPool:

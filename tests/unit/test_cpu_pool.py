@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dynamo_flexkv.storage.cpu_pool import CpuBlockPool, claim_pool_owner, sweep_stale_pools
+from dynamo_flexkv.storage.cpu_pool import CpuBlockPool, claim_pool_owner, release_pool_owner, sweep_stale_pools
 from dynamo_flexkv.storage.layout import PoolGeometry
 
 
@@ -68,5 +68,9 @@ def test_one_owner_per_pool_identity(tmp_path):
     fd = claim_pool_owner("dynamo-flexkv-pinned", shm_dir=tmp_path)
     with pytest.raises(ValueError, match="FLEXKV_SERVER_RECV_PORT"):
         claim_pool_owner("dynamo-flexkv-pinned", shm_dir=tmp_path)
-    os.close(fd)  # the owner died: the next instance may take over
-    os.close(claim_pool_owner("dynamo-flexkv-pinned", shm_dir=tmp_path))
+    os.close(fd)  # the owner died without cleaning up: its lock is gone
+    assert sweep_stale_pools(tmp_path) == ["dynamo-flexkv-pinned.owner"]
+    fd = claim_pool_owner("dynamo-flexkv-pinned", shm_dir=tmp_path)  # the next instance takes over
+    assert sweep_stale_pools(tmp_path) == []  # a held owner file is never swept
+    release_pool_owner("dynamo-flexkv-pinned", fd, shm_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ reports hits and saves to all of them. Each worker gets its own FlexKV identity 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -67,6 +68,7 @@ class Translation:
     notes: tuple[str, ...] = ()  # one line per rewrite, for the log
     uses_flexkv: bool = False
     uses_nixl: bool = False
+    private_paths: tuple[str, ...] = ()  # ipc socket files this launcher chose; removed at exit
 
 
 def _flag(token: str) -> tuple[str, str | None]:
@@ -123,10 +125,14 @@ def connector_config(names: Sequence[str], *, kvbm_available: bool) -> dict | No
         return dict(CONNECTORS[names[0]])
     ordered = [n for n in names if n != "nixl"] + [n for n in names if n == "nixl"]  # NIXL last
     children = [dict(CONNECTORS[n]) for n in ordered]
+    # vLLM reads the failure policy of the top-level config only; FlexKV sets its own when it is the
+    # top level. Chained, a block that cannot be loaded must still be a miss, not a failed request.
+    policy = {"kv_load_failure_policy": "recompute"} if "flexkv" in ordered else {}
     if kvbm_available and len(ordered) == 2 and ordered[0] in PD_FIRST_CHILDREN and ordered[1] == "nixl":
-        return {"kv_connector": "PdConnector", "kv_role": "kv_both",
+        return {"kv_connector": "PdConnector", "kv_role": "kv_both", **policy,
                 "kv_connector_extra_config": {"connectors": children}, "kv_connector_module_path": KVBM_MODULE}
-    return {"kv_connector": "MultiConnector", "kv_role": "kv_both", "kv_connector_extra_config": {"connectors": children}}
+    return {"kv_connector": "MultiConnector", "kv_role": "kv_both", **policy,
+            "kv_connector_extra_config": {"connectors": children}}
 
 
 def _child_names(config: Mapping) -> list[str]:
@@ -230,14 +236,17 @@ def translate(argv: Sequence[str], environ: Mapping[str, str], *, kvbm_available
             notes.append(f"{mode} worker with NIXL -> --disable-hybrid-kv-cache-manager")
 
     # --- KV events for the router ---
+    private_paths: tuple[str, ...] = ()
     if use_flexkv_env and not _find(rest, "--kv-events-config") and not _find(rest, "--no-enable-prefix-caching"):
         events = {"publisher": "zmq", "topic": "kv-events", "endpoint": default_kv_events_endpoint(environ),
                   "enable_kv_cache_events": True}
         rest += ["--kv-events-config", json.dumps(events, separators=(",", ":"))]
         notes.append(f"DYNAMO_USE_FLEXKV=1 -> KV events on {events['endpoint']}")
+        if events["endpoint"].startswith("ipc://"):
+            private_paths += (events["endpoint"].removeprefix("ipc://"),)
 
     set_env.setdefault("PYTHONHASHSEED", environ.get("PYTHONHASHSEED") or "0")
-    return Translation(rest, set_env, unset_env, tuple(notes), uses_flexkv, uses_nixl)
+    return Translation(rest, set_env, unset_env, tuple(notes), uses_flexkv, uses_nixl, private_paths)
 
 
 def _register_class_name_alias() -> None:
@@ -268,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ.setdefault(name, value)
     for note in translation.notes:
         print(f"dynamo-flexkv-vllm: {note}", file=sys.stderr, flush=True)
+    for path in translation.private_paths:  # vLLM leaves its ipc socket file behind
+        atexit.register(lambda path=path: os.path.exists(path) and os.unlink(path))
 
     from dynamo.common.snapshot.restore_context import maybe_run_restore_standby_mode
 

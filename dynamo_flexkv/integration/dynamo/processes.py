@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -233,8 +233,3 @@ class Deployment:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def wait_all(deployment: Deployment, conditions: Iterable[tuple[Callable[[], object], str]], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    for condition, what in conditions:
-        deployment.wait_for(condition, max(1.0, deadline - time.monotonic()), what)

@@ -27,7 +27,7 @@ from dynamo_flexkv.integration.vllm.instance import describe_instance
 from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
 from dynamo_flexkv.logs import configure_logging
-from dynamo_flexkv.storage.cpu_pool import claim_pool_owner
+from dynamo_flexkv.storage.cpu_pool import claim_pool_owner, release_pool_owner
 from dynamo_flexkv.storage.ssd import gds_available
 
 if TYPE_CHECKING:
@@ -170,3 +170,4 @@ class FlexKVConnector(FlexKVConnectorV1):
             self._worker.shutdown()
         if self._scheduler is not None:
             self._scheduler.shutdown()
+            release_pool_owner(self._scheduler.identity, self._owner_lock)

@@ -20,8 +20,10 @@ def register() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     registry = KVConnectorFactory._registry  # vLLM offers no public "replace"
-    if CONNECTOR_NAME not in registry:
-        KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_CLASS)
+    # Our name, and our class name: MultiConnector looks its children's stats classes up by class name.
+    for name in (CONNECTOR_NAME, CONNECTOR_CLASS):
+        if name not in registry:
+            KVConnectorFactory.register_connector(name, CONNECTOR_MODULE, CONNECTOR_CLASS)
     if importlib.util.find_spec("flexkv") is None:
         registry.pop(FLEXKV_COMPAT_NAME, None)
         KVConnectorFactory.register_connector(FLEXKV_COMPAT_NAME, CONNECTOR_MODULE, CONNECTOR_CLASS)

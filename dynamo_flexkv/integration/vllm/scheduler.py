@@ -43,6 +43,7 @@ SHUTDOWN_TIMEOUT_S = 30
 
 class SchedulerSide:
     def __init__(self, facts: InstanceFacts, settings: FlexKVSettings, publish_events: bool):
+        self.identity = facts.identity
         self.block_size = facts.block_size
         self.layerwise = settings.layerwise_load
         policy = settings.eviction_policy
