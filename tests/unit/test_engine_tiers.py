@@ -26,6 +26,12 @@ def spill_all(engine: CacheEngine, keys: list[bytes]) -> None:
     assert engine.tiers[1].match(keys) == len(keys)
 
 
+def only_on_ssd(engine: CacheEngine, keys: list[bytes]) -> None:
+    """Store ``keys``, let them reach the SSD tier, then push them out of the 4-slot CPU tier."""
+    only_on_ssd(engine, keys)
+    assert engine.tiers[0].match(keys) == 0
+
+
 def test_committed_store_plans_its_write_through_and_announces_it_after_commit():
     engine = two_tiers()
     keys = chain("a", 3)
@@ -53,10 +59,7 @@ def test_failed_spill_keeps_only_the_prefix_before_the_failure():
 def test_ssd_only_hit_is_staged_into_cpu_then_loaded():
     engine = two_tiers(cpu_slots=4)
     old = chain("a", 3)
-    store(engine, "s", old)
-    spill_all(engine, old)
-    store(engine, "t", chain("b", 4))  # pushes `old` out of the CPU tier
-    finish_spills(engine)
+    only_on_ssd(engine, old)
     assert engine.tiers[0].match(old) == 0 and engine.lookup(old) == 3
     engine.take_events()
 
@@ -87,10 +90,7 @@ def test_mixed_prefix_loads_cpu_blocks_and_stages_the_rest():
 def test_corrupt_staged_block_is_dropped_and_cuts_the_load():
     engine = two_tiers(cpu_slots=4)
     keys = chain("a", 3)
-    store(engine, "s", keys)
-    spill_all(engine, keys)
-    store(engine, "t", chain("b", 4))
-    finish_spills(engine)
+    only_on_ssd(engine, keys)
     engine.take_events()
     engine.prepare_load("r", keys)
     assert engine.complete_stage("r", [True, False, True]) == 1
@@ -105,10 +105,7 @@ def test_corrupt_staged_block_is_dropped_and_cuts_the_load():
 def test_cancel_before_staging_releases_everything():
     engine = two_tiers(cpu_slots=4)
     keys = chain("a", 3)
-    store(engine, "s", keys)
-    spill_all(engine, keys)
-    store(engine, "t", chain("b", 4))
-    finish_spills(engine)
+    only_on_ssd(engine, keys)
     engine.prepare_load("r", keys)
     engine.cancel_load("r")
     cpu, ssd = engine.tiers
@@ -121,10 +118,7 @@ def test_cancel_before_staging_releases_everything():
 def test_load_cannot_complete_before_its_staging():
     engine = two_tiers(cpu_slots=4)
     keys = chain("a", 3)
-    store(engine, "s", keys)
-    spill_all(engine, keys)
-    store(engine, "t", chain("b", 4))
-    finish_spills(engine)
+    only_on_ssd(engine, keys)
     engine.prepare_load("r", keys)
     with pytest.raises(ValueError, match="complete_stage"):
         engine.complete_load("r", True)
