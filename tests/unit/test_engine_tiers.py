@@ -28,7 +28,10 @@ def spill_all(engine: CacheEngine, keys: list[bytes]) -> None:
 
 def only_on_ssd(engine: CacheEngine, keys: list[bytes]) -> None:
     """Store ``keys``, let them reach the SSD tier, then push them out of the 4-slot CPU tier."""
-    only_on_ssd(engine, keys)
+    store(engine, "s", keys)
+    spill_all(engine, keys)
+    store(engine, "t", chain("b", 4))
+    finish_spills(engine)
     assert engine.tiers[0].match(keys) == 0
 
 
