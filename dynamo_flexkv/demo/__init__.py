@@ -57,6 +57,7 @@ def chat_workload(users: int, turns: int, seed: int = 0) -> list[Turn]:
 @dataclass
 class WorkerStats:
     requests: int = 0
+    prompt_tokens: int = 0
     gpu_hit_tokens: float = 0.0  # vLLM's prefix-cache hits (GPU tier)
     flexkv_hit_tokens: float = 0.0  # vLLM's external prefix-cache hits (FlexKV's CPU tier)
     gpu_blocks: int = 0  # held now, from the worker's own KV events
@@ -104,13 +105,15 @@ def run_pass(name: str, flexkv: bool, args: argparse.Namespace, workdir: Path, f
 
         workload = chat_workload(args.users, args.turns, args.seed)
         phase(first_phase + 1, f"{name}: replaying {len(workload)} chat turns ({args.users} users x {args.turns} turns)")
-        ttft, returning, served = [], [], {wid: 0 for wid in ids}
+        ttft, returning = [], []
+        served, prompt_tokens = {wid: 0 for wid in ids}, {wid: 0 for wid in ids}
         for turn in workload:
             reply = oa.complete(turn.prompt, max_tokens=args.max_tokens)
             ttft.append(reply.ttft_ms)
             if turn.turn:
                 returning.append(reply.ttft_ms)
             served[reply.worker_id] = served.get(reply.worker_id, 0) + 1
+            prompt_tokens[reply.worker_id] = prompt_tokens.get(reply.worker_id, 0) + len(turn.prompt)
             dep.wait_for(lambda: _caught_up(http, streams), 30, "router applied the events")  # route on fresh state
 
         workers = []
@@ -118,6 +121,7 @@ def run_pass(name: str, flexkv: bool, args: argparse.Namespace, workdir: Path, f
             samples, rules = metrics(i), check_stream(streams[i].batches(), BLOCK)
             workers.append(WorkerStats(
                 requests=served.get(wid, 0),
+                prompt_tokens=prompt_tokens.get(wid, 0),
                 gpu_hit_tokens=client.metric_sum(samples, "vllm:prefix_cache_hits_total"),
                 flexkv_hit_tokens=client.metric_sum(samples, "vllm:external_prefix_cache_hits_total"),
                 gpu_blocks=len(rules.held.get("GPU", ())), cpu_blocks=len(rules.held.get("CPU", ())),
@@ -154,14 +158,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def report(results: list[PassResult]) -> None:
-    print(f"\n{'pass':9} {'worker':6} {'requests':>8} {'GPU-hit tok':>11} {'FlexKV-hit tok':>14} "
-          f"{'GPU blocks':>10} {'CPU blocks':>10} {'events GPU/CPU':>15}")
+    print(f"\n{'pass':9} {'worker':6} {'requests':>8} {'prompt tok':>10} {'GPU-hit tok':>11} {'FlexKV-hit tok':>14} "
+          f"{'recomputed':>10} {'GPU blocks':>10} {'CPU blocks':>10} {'events GPU/CPU':>15}")
     for result in results:
         for i, w in enumerate(result.workers):
             gpu_events = sum(n for (_, medium), n in w.published.items() if medium == "GPU")
             cpu_events = sum(n for (_, medium), n in w.published.items() if medium != "GPU")
-            print(f"{result.name:9} w{i:<5} {w.requests:8d} {w.gpu_hit_tokens:11.0f} {w.flexkv_hit_tokens:14.0f} "
-                  f"{w.gpu_blocks:10d} {w.cpu_blocks:10d} {f'{gpu_events}/{cpu_events}':>15}")
+            recomputed = w.prompt_tokens - w.gpu_hit_tokens - w.flexkv_hit_tokens
+            print(f"{result.name:9} w{i:<5} {w.requests:8d} {w.prompt_tokens:10d} {w.gpu_hit_tokens:11.0f} "
+                  f"{w.flexkv_hit_tokens:14.0f} {recomputed:10.0f} {w.gpu_blocks:10d} {w.cpu_blocks:10d} "
+                  f"{f'{gpu_events}/{cpu_events}':>15}")
     print("\nKV router (frontend metric dynamo_component_kv_cache_events_applied, both workers):")
     for result in results:
         ok = {kind: int(n) for (kind, status), n in sorted(result.router.items()) if status == "ok" and n}

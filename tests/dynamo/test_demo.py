@@ -37,11 +37,14 @@ def test_demo_reports_per_worker_and_tier(demo_run):
     assert demo_run.returncode == 0, demo_run.stdout + demo_run.stderr[-3000:]
     for n in (1, 4, 5, 6, 7):
         assert f"[{n}/7]" in out
-    rows = re.findall(r"^flexkv\s+w(\d)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)/(\d+)$", out, re.M)
+    # worker, requests, prompt tokens, GPU hits, FlexKV hits, recomputed, GPU blocks, CPU blocks, events
+    rows = re.findall(r"^flexkv\s+w(\d)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)/(\d+)$",
+                      out, re.M)
     assert [r[0] for r in rows] == ["0", "1"], out
     assert sum(int(r[1]) for r in rows) == 9  # 3 users x 3 turns
-    assert sum(int(r[3]) for r in rows) > 0, "no prompt token came from FlexKV's CPU tier"
-    assert all(int(r[7]) > 0 for r in rows if int(r[1])), "a worker that served requests published no CPU events"
+    assert sum(int(r[4]) for r in rows) > 0, "no prompt token came from FlexKV's CPU tier"
+    assert all(int(r[3]) + int(r[4]) + int(r[5]) == int(r[2]) for r in rows), "hits + recomputed != prompt"
+    assert all(int(r[9]) > 0 for r in rows if int(r[1])), "a worker that served requests published no CPU events"
     applied = re.search(r"flexkv\s+applied (\d+)/(\d+) updates", out)
     assert applied and applied.group(1) == applied.group(2), out
     assert "REJECTED" not in out and "EVENT RULE VIOLATION" not in out
