@@ -401,9 +401,6 @@ class CacheEngine:
     def pending_loads(self) -> dict[str, LoadPlan]:
         return {rid: pending.plan for rid, pending in self._loads.items()}
 
-    def pending_spills(self) -> dict[int, SpillPlan]:
-        return dict(self._spills)
-
     def pending_stores(self) -> dict[str, StorePlan]:
         return {rid: pending.plan for rid, pending in self._stores.items()}
 

@@ -294,9 +294,3 @@ def pin_host_memory(
         nbytes / 2**30, len(region.chunks), region.seconds, backend,
     )
     return region
-
-
-def unpin_host_memory(tensor: torch.Tensor) -> None:
-    region = find_pinned_region(tensor.data_ptr())
-    if region is not None:
-        region.unpin()

@@ -64,7 +64,7 @@ def describe_instance(
 
 def open_ssd_tier(facts: InstanceFacts, settings: FlexKVSettings) -> LowerTierIO:
     """Map the CPU pool in this (scheduler) process and open the SSD files behind it."""
-    seat, _lock_fd = claim_seat(settings.ssd_cache_dir[0], facts.layout)  # held for the process life
+    seat, seat_lock = claim_seat(settings.ssd_cache_dir[0], facts.layout)
     store = SsdBlockStore(
         list(settings.ssd_cache_dir),
         settings.ssd_cache_bytes,
@@ -73,4 +73,4 @@ def open_ssd_tier(facts: InstanceFacts, settings: FlexKVSettings) -> LowerTierIO
         io_threads=settings.ssd_io_threads,
         queue_depth=settings.ssd_queue_depth,
     )
-    return LowerTierIO(store, CpuBlockPool(facts.identity, facts.geometry).tensor)
+    return LowerTierIO(store, CpuBlockPool(facts.identity, facts.geometry).tensor, seat_lock)
