@@ -162,6 +162,12 @@ class FlexKVSettings(BaseModel):
         "computes while layer i+1 is still arriving). Off: every hit is loaded between steps. Hits "
         "that must first come up from SSD are always loaded between steps.",
     )
+    cpu_async_copies: bool = Field(
+        False,
+        description="CPU build of vLLM only: copy blocks between vLLM's cache and the CPU tier on a "
+        "background thread, completing after the step that started them as on a GPU (saves overlap "
+        "the next forward pass). Off: each copy completes before the step goes on.",
+    )
     log_level: LogLevel = Field(
         "INFO",
         description="Log level of dynamo-flexkv's own loggers.",

@@ -7,6 +7,7 @@ The parent talks to it over a pipe with plain dicts; every wait has a timeout.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import time
@@ -38,11 +39,15 @@ class EngineError(RuntimeError):
 
 
 class EngineHost:
+    """`child_setup` ("module:function") runs in the engine process before vLLM starts, e.g. to make
+    the engine behave as another vLLM version does (tests/vllm_versions.py)."""
+
     def __init__(self, model: str, engine_kwargs: dict[str, Any], env: dict[str, str] | None = None,
-                 start_timeout_s: float = 600):
+                 start_timeout_s: float = 600, child_setup: str | None = None):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, model, engine_kwargs, {**DEFAULT_ENV, **(env or {})}),
+        env = {**DEFAULT_ENV, **(env or {})}
+        self.process = ctx.Process(target=_serve, args=(child, model, engine_kwargs, env, child_setup),
                                    daemon=False)  # vLLM may spawn TP workers from it
         self.process.start()
         child.close()
@@ -67,8 +72,9 @@ class EngineHost:
             raise EngineError(reply["error"])
         return reply["result"]
 
-    def generate(self, prompts: list[list[int]], max_tokens: int = 8, one_at_a_time: bool = False) -> list[Completion]:
-        raw = self.call("generate", prompts=prompts, max_tokens=max_tokens, one_at_a_time=one_at_a_time)
+    def generate(self, prompts: list[list[int]], max_tokens: int = 8, one_at_a_time: bool = False,
+                 timeout_s: float = 600) -> list[Completion]:
+        raw = self.call("generate", timeout_s, prompts=prompts, max_tokens=max_tokens, one_at_a_time=one_at_a_time)
         return [Completion(**r) for r in raw]
 
     def flexkv_state(self) -> dict[str, Any]:
@@ -102,9 +108,12 @@ class EngineHost:
 
 # --- child process -------------------------------------------------------------------------------
 
-def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str]) -> None:
+def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str], child_setup: str | None) -> None:
     os.environ.update(env)
     try:
+        if child_setup:
+            module, function = child_setup.split(":")
+            getattr(importlib.import_module(module), function)()
         from vllm import LLM
 
         llm = LLM(model=model, **engine_kwargs)

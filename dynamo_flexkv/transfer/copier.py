@@ -5,16 +5,19 @@ over all layers when the layout is uniform (see `KVCacheLayout.stacked`), otherw
 and scatter per segment — never as a Python loop over blocks.
 
 `make_copier` picks the primitive by the cache's device: this module's `BlockCopier` for host-memory
-caches, `cuda_copier.CudaBlockCopier` (same interface, bus-speed copies on side streams) on CUDA.
+caches (or `ThreadedBlockCopier`, which completes them asynchronously on a background thread),
+`cuda_copier.CudaBlockCopier` (same interface, bus-speed copies on side streams) on CUDA.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
+from dynamo_flexkv.transfer.layerwise import FutureTransferHandle
 
 
 class BlockCopier:
@@ -53,6 +56,32 @@ class BlockCopier:
         return len(block_ids) * self.block_bytes
 
 
+class ThreadedBlockCopier(BlockCopier):
+    """`BlockCopier` whose transfers run, in submission order, on one background thread: a transfer
+    completes after the call that started it returned, as on CUDA. Saves then overlap the next
+    forward pass, and the connector's completion paths run on the CPU build as they do on a GPU."""
+
+    def __init__(self, layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int):
+        super().__init__(layout, pool, geometry, rank)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"flexkv-copy-rank{rank}")
+
+    def _submit(self, copy, *args) -> FutureTransferHandle:
+        nbytes = len(args[0]) * self.block_bytes
+        return FutureTransferHandle(self._thread.submit(copy, *args), nbytes, len(self.layout.layer_names))
+
+    def save_async(self, block_ids: Sequence[int], slots: Sequence[int]) -> FutureTransferHandle:
+        return self._submit(self.save, list(block_ids), list(slots))
+
+    def load_async(self, slots: Sequence[int], block_ids: Sequence[int]) -> FutureTransferHandle:
+        return self._submit(self.load, list(slots), list(block_ids))
+
+    def load_layerwise(self, slots: Sequence[int], block_ids: Sequence[int]) -> FutureTransferHandle:
+        return self.load_async(slots, block_ids)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
 def _widened(cache: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same byte views as 8-, 4- or 2-byte elements where both allow it: index_select/index_copy_
     move elements one by one on CPU, so uint8 views run ~10-30x slower than int64 views of the same
@@ -66,9 +95,11 @@ def _widened(cache: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def make_copier(
-    layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int, **cuda_options
+    layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int,
+    cpu_async: bool = False, **cuda_options
 ) -> BlockCopier:
-    """The copier for this rank's caches: `CudaBlockCopier` on a CUDA device, else `BlockCopier`.
+    """The copier for this rank's caches: `CudaBlockCopier` on a CUDA device, else `BlockCopier`
+    (`ThreadedBlockCopier` with `cpu_async`).
 
     `cuda_options` (method, staging_bytes, max_programs, pin) only apply on CUDA. On CUDA the pool is
     pinned here if nobody pinned it yet (`storage.pinning.pin_host_memory`, idempotent).
@@ -77,4 +108,6 @@ def make_copier(
         from dynamo_flexkv.transfer.cuda_copier import CudaBlockCopier
 
         return CudaBlockCopier(layout, pool, geometry, rank, **cuda_options)
+    if cpu_async:
+        return ThreadedBlockCopier(layout, pool, geometry, rank)
     return BlockCopier(layout, pool, geometry, rank)

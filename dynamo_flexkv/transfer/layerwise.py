@@ -18,8 +18,10 @@ attention) runs only once layer i's bytes are in place, and the host keeps runni
 `host=True` to block the calling thread until the bytes landed instead. Layers load in model order,
 so later layers' copies overlap earlier layers' compute.
 
-On CPU (`BlockCopier`, the CPU build of vLLM) there is no asynchronous engine: `start_layerwise_load`
-performs the whole copy at once and every wait returns immediately afterwards.
+On CPU (`BlockCopier`, the CPU build of vLLM) `start_layerwise_load` performs the whole copy at once
+and every wait returns immediately afterwards. `ThreadedBlockCopier` (setting `cpu_async_copies`)
+runs each CPU transfer on a background thread instead and returns `FutureTransferHandle`s, so a
+transfer completes after the call returns, in the order the CUDA copier completes them.
 
 `start_save` / `start_load` are the whole-transfer equivalents. A save is ordered after the work
 already queued on the caller's current stream (the forward pass that wrote the blocks) and never makes
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -159,6 +162,33 @@ class CudaLayerwiseLoad(CudaTransferHandle, LayerwiseLoad):
     def wait_all(self, *, host: bool = False) -> int:
         if host:
             return self.synchronize()
+        self.wait()
+        return self.nbytes
+
+
+class FutureTransferHandle(LayerwiseLoad):
+    """A CPU transfer running on a background thread (`ThreadedBlockCopier`). Every layer lands
+    together, so a per-layer wait is a wait for the whole transfer."""
+
+    def __init__(self, future: Future, nbytes: int, num_layers: int):
+        super().__init__(nbytes, num_layers)
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> None:
+        self._future.exception()  # blocks until finished; an error surfaces in synchronize()
+
+    def synchronize(self) -> int:
+        self._future.result()
+        return self.nbytes
+
+    def wait_layer(self, layer_index: int, *, host: bool = False) -> None:
+        self._check_layer(layer_index)
+        self.wait()
+
+    def wait_all(self, *, host: bool = False) -> int:
         self.wait()
         return self.nbytes
 

@@ -16,7 +16,7 @@ import torch
 from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
 from dynamo_flexkv.storage.pinning import PinningError, pin_host_memory
-from dynamo_flexkv.transfer.copier import BlockCopier, make_copier
+from dynamo_flexkv.transfer.copier import BlockCopier, ThreadedBlockCopier, make_copier
 from dynamo_flexkv.transfer.cuda_copier import (
     SegmentTable,
     coalesce,
@@ -335,3 +335,30 @@ def test_vllm_permuted_hnd_view_round_trip(pool_factory):
     # compare bits: random bytes viewed as bf16 include NaNs, which never compare equal
     assert all(torch.equal(b.view(torch.int16), t[:, 7].contiguous().view(torch.int16))
                for b, t in zip(before, caches.values()))
+
+
+def test_threaded_copier_completes_after_the_call(pool_factory):
+    """`cpu_async_copies`: transfers run on a background thread, in order, and report completion
+    through the same handles as CUDA; a failed copy surfaces in synchronize(), never at the call."""
+    caches = make_caches("cpu", 16, False, seed=6)
+    layout = KVCacheLayout(caches, NUM_BLOCKS)
+    geometry = PoolGeometry(16, layout.shard_bytes, 1)
+    copier = make_copier(layout, pool_factory(geometry).tensor, geometry, 0, cpu_async=True)
+    assert type(copier) is ThreadedBlockCopier
+    src, dst, slots = [1, 5, 9], [2, 6, 10], [3, 0, 7]
+    gate = threading.Event()
+    copier._thread.submit(gate.wait, 5)  # hold the copy thread: the next transfers must queue
+    save = start_save(copier, src, slots)
+    load = start_layerwise_load(copier, slots, dst)
+    assert not save.done() and not load.done()
+    gate.set()
+    load.wait_layer(LAYERS - 1)  # a per-layer wait returns once the whole load landed
+    assert save.done() and load.done()
+    for b_src, b_dst in zip(src, dst):
+        assert torch.equal(expected_shard(caches, b_src), expected_shard(caches, b_dst))
+    assert save.synchronize() == load.synchronize() == 3 * layout.shard_bytes
+
+    bad = start_save(copier, [NUM_BLOCKS + 5], [0])
+    with pytest.raises(IndexError):
+        bad.synchronize()
+    copier.close()

@@ -48,7 +48,7 @@ def worker():
 
 def step(worker, monkeypatch, log) -> None:
     monkeypatch.setattr(worker_module, "start_layerwise_load", lambda copier, slots, ids: RecordingLoad(log))
-    worker.start_loads(FlexKVStepMetadata(layerwise_loads=[BlockTransfer("r", (1, 2), (0, 1))]))
+    worker.start_step(FlexKVStepMetadata(layerwise_loads=[BlockTransfer("r", (1, 2), (0, 1))]))
 
 
 def test_without_hooks_the_whole_load_lands_before_the_forward(worker, monkeypatch):
@@ -64,5 +64,28 @@ def test_after_a_hook_each_layer_waits_only_for_itself(worker, monkeypatch):
     for name in ("layer.0", "layer.1", "layer.2"):
         worker.wait_for_layer_load(name)
     assert log == [("layer", 0), ("layer", 1), ("layer", 2)]
-    worker.start_saves(FlexKVStepMetadata())  # end of step: reported done
+    worker.get_finished()  # end of step: reported done
     assert worker.take_report().done_layerwise == {"r"}
+
+
+def test_a_step_without_a_forward_starts_and_reports_its_saves(tmp_path):
+    """vLLM 0.26 calls only start_load_kv and get_finished in a step that schedules no tokens: the
+    saves handed out in that step must start there, or their GPU blocks are held forever."""
+    caches = {f"layer.{i}": torch.randn(NUM_BLOCKS, 2, 16, 128).to(torch.bfloat16) for i in range(LAYERS)}
+    shard = LAYERS * 2 * 16 * 128 * 2
+    facts = InstanceFacts(f"dynamo-flexkv-test-{uuid.uuid4().hex[:8]}", 16, PoolGeometry(4, shard, 1), {})
+    side = worker_module.WorkerSide(facts, rank=0, num_blocks=NUM_BLOCKS, cpu_async_copies=True)
+    side.register_kv_caches(caches)
+    try:
+        side.start_step(FlexKVStepMetadata(saves=[BlockTransfer("r", (3, 5), (0, 2))]))
+        saved: set[str] = set()
+        for _ in range(1000):  # later steps poll until the background copy finished
+            saved |= side.get_finished()[0]
+            if saved:
+                break
+            side._in_flight[0].handle.wait()
+        assert saved == {"r"}
+        pool = side.pool.tensor
+        assert torch.equal(pool[0, :shard], torch.cat([caches[f"layer.{i}"][3].reshape(-1).view(torch.uint8) for i in range(LAYERS)]))
+    finally:
+        side.shutdown()

@@ -85,7 +85,8 @@ class FlexKVConnector(FlexKVConnectorV1):
 
             from dynamo_flexkv.integration.vllm.worker import WorkerSide
 
-            self._worker = WorkerSide(facts, get_tensor_model_parallel_rank(), kv_cache_config.num_blocks)
+            self._worker = WorkerSide(facts, get_tensor_model_parallel_rank(), kv_cache_config.num_blocks,
+                                      cpu_async_copies=settings.cpu_async_copies)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -124,9 +125,11 @@ class FlexKVConnector(FlexKVConnectorV1):
         self._worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        # Every vLLM version calls this once per step, with or without a forward pass; steps that
+        # schedule no tokens skip `wait_for_save` in some versions (0.26), so saves start here too.
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, FlexKVStepMetadata)
-        self._worker.start_loads(metadata)
+        self._worker.start_step(metadata)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_for_layer_load(layer_name)
@@ -139,9 +142,7 @@ class FlexKVConnector(FlexKVConnectorV1):
         return  # saves happen when a request finishes, for whole blocks
 
     def wait_for_save(self) -> None:
-        metadata = self._get_connector_metadata()
-        assert isinstance(metadata, FlexKVStepMetadata)
-        self._worker.start_saves(metadata)
+        return  # saves started with the step (start_load_kv) and are reported by get_finished
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._worker.get_finished()

@@ -1,16 +1,20 @@
 """Worker-role half of the connector: owns this rank's KV tensors and moves the bytes.
 
-Three kinds of transfer arrive in each step's metadata:
-- *layer-wise loads* (CPU-tier hits the scheduler let vLLM compute on in this very step): started in
-  `start_load_kv`, before the forward; `wait_for_layer_load(layer)` makes that layer's attention wait
-  for its bytes only. If the engine never calls the per-layer hook (some attention backends do not),
-  the whole load is awaited up front instead — slower, never wrong.
-- *async loads* (hits staged from SSD): the request waits outside the batch until `get_finished`
-  reports them.
-- *saves* (finished requests): started in `wait_for_save`, ordered after the forward that wrote the
-  blocks; vLLM keeps the GPU blocks until `get_finished` reports them.
-A failed load reports its blocks as load errors, so vLLM recomputes them; a failed save is reported
-back so the scheduler releases the slots unannounced.
+Three kinds of transfer arrive in each step's metadata, and all of them start in `start_step`
+(vLLM's `start_load_kv`), the one hook every vLLM version calls in every step — including steps that
+schedule no tokens, where vLLM 0.26 never calls `wait_for_save`:
+- *layer-wise loads* (CPU-tier hits the scheduler let vLLM compute on in this very step): started
+  before the forward; `wait_for_layer_load(layer)` makes that layer's attention wait for its bytes
+  only. If the engine never calls the per-layer hook (some attention backends do not), the whole load
+  is awaited up front instead — slower, never wrong.
+- *async loads* (hits not loaded in-step, or staged from SSD): the request waits outside the batch
+  until `get_finished` reports them.
+- *saves* (finished requests, whose blocks no forward writes any more): ordered after the work
+  already queued; vLLM keeps the GPU blocks until `get_finished` reports them. A save that is never
+  started would hold its GPU blocks forever, and a full cache would then never schedule again.
+`get_finished` (called at the end of every step) closes the step's layer-wise loads and reports
+finished transfers. A failed load reports its blocks as load errors, so vLLM recomputes them; a failed
+save is reported back so the scheduler releases the slots unannounced.
 """
 
 from __future__ import annotations
@@ -57,10 +61,11 @@ def _finished_ok(handle: TransferHandle | None) -> bool:
 
 
 class WorkerSide:
-    def __init__(self, facts: InstanceFacts, rank: int, num_blocks: int):
+    def __init__(self, facts: InstanceFacts, rank: int, num_blocks: int, cpu_async_copies: bool = False):
         self.facts = facts
         self.rank = rank
         self.num_blocks = num_blocks
+        self.cpu_async_copies = cpu_async_copies
         self.pool: CpuBlockPool | None = None
         self.copier: BlockCopier | None = None
         self._layer_index: dict[str, int] = {}
@@ -74,7 +79,8 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout = KVCacheLayout(kv_caches, self.num_blocks)
         self.pool = CpuBlockPool(self.facts.identity, self.facts.geometry)
-        self.copier = make_copier(layout, self.pool.tensor, self.facts.geometry, self.rank)
+        self.copier = make_copier(layout, self.pool.tensor, self.facts.geometry, self.rank,
+                                  cpu_async=self.cpu_async_copies)
         self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
         logger.info(
             "worker ready: rank=%d layers=%d block_bytes=%d copier=%s device=%s",
@@ -88,9 +94,11 @@ class WorkerSide:
             logger.exception("%s of request %s could not start", kind, job.request_id)
             return None
 
-    # --- loads ---------------------------------------------------------------------------------
+    # --- per step --------------------------------------------------------------------------------
 
-    def start_loads(self, metadata: FlexKVStepMetadata) -> None:
+    def start_step(self, metadata: FlexKVStepMetadata) -> None:
+        """Start every transfer of this step: layer-wise loads first (this forward waits for them),
+        then loads between steps, then saves."""
         copier = self.copier
         for job in metadata.layerwise_loads:
             load = self._start(job, "load", lambda job=job: start_layerwise_load(copier, job.slots, job.block_ids))
@@ -101,6 +109,9 @@ class WorkerSide:
             self._load_errors.update(job.unavailable)
             handle = self._start(job, "load", lambda job=job: start_load(copier, job.slots, job.block_ids))
             self._in_flight.append(_InFlight(job, "load", handle))
+        for job in metadata.saves:
+            handle = self._start(job, "save", lambda job=job: start_save(copier, job.block_ids, job.slots))
+            self._in_flight.append(_InFlight(job, "save", handle))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._hooks_seen = True
@@ -122,16 +133,10 @@ class WorkerSide:
                 self.stats.add("failed_loads", 1)
         self._layerwise.clear()
 
-    # --- saves and completions ----------------------------------------------------------------
-
-    def start_saves(self, metadata: FlexKVStepMetadata) -> None:
-        self._finish_layerwise_loads()
-        copier = self.copier
-        for job in metadata.saves:
-            handle = self._start(job, "save", lambda job=job: start_save(copier, job.block_ids, job.slots))
-            self._in_flight.append(_InFlight(job, "save", handle))
+    # --- completions ---------------------------------------------------------------------------
 
     def get_finished(self) -> tuple[set[str], set[str]]:
+        self._finish_layerwise_loads()
         saved, loaded = set(), set()
         still = []
         for t in self._in_flight:
