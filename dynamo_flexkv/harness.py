@@ -31,7 +31,8 @@ class Completion:
     token_ids: list[int]
     num_cached_tokens: int  # GPU prefix cache + FlexKV, as vLLM reports it
     flexkv_tokens: int  # of those, loaded from FlexKV (meaningful when requests ran one at a time)
-    ttft_s: float
+    ttft_s: float  # from the batch's submission to this request's first token
+    finish_s: float  # from the batch's submission to this request's last token
 
 
 class EngineError(RuntimeError):
@@ -72,8 +73,9 @@ class EngineHost:
             raise EngineError(reply["error"])
         return reply["result"]
 
-    def generate(self, prompts: list[list[int]], max_tokens: int = 8, one_at_a_time: bool = False,
+    def generate(self, prompts: list[list[int]], max_tokens: int | list[int] = 8, one_at_a_time: bool = False,
                  timeout_s: float = 600) -> list[Completion]:
+        """Greedy completions; `max_tokens` for every prompt or one per prompt."""
         raw = self.call("generate", timeout_s, prompts=prompts, max_tokens=max_tokens, one_at_a_time=one_at_a_time)
         return [Completion(**r) for r in raw]
 
@@ -85,8 +87,12 @@ class EngineHost:
         return self.call("cpu_resident_blocks", prompts=prompts)
 
     def drain(self) -> None:
-        """Step the engine until FlexKV has no load or save in flight."""
+        """Step the engine until its connector (FlexKV or another) has no load or save in flight."""
         self.call("drain")
+
+    def reset_gpu_prefix_cache(self) -> None:
+        """Drop every cached block from vLLM's own (GPU) prefix cache; the connector keeps its tiers."""
+        self.call("reset_gpu_prefix_cache")
 
     def close(self) -> None:
         if self.process.is_alive():
@@ -140,6 +146,11 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str],
                 result = [side.engine.lookup(_block_hashes(engine, p)) for p in message["prompts"]]
             elif command == "drain":
                 result = _drain(engine, side)
+            elif command == "reset_gpu_prefix_cache":
+                _drain(engine, side)
+                result = engine.reset_prefix_cache()
+                if not result:
+                    raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
             else:
                 raise ValueError(f"unknown command {command!r}")
             conn.send({"result": result})
@@ -147,10 +158,11 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str],
             conn.send({"error": traceback.format_exc()})
 
 
-def _generate(engine, side, prompts: list[list[int]], max_tokens: int, one_at_a_time: bool) -> list[dict[str, Any]]:
+def _generate(engine, side, prompts: list[list[int]], max_tokens: int | list[int], one_at_a_time: bool) -> list[dict[str, Any]]:
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in limits]
     batches = [[i] for i in range(len(prompts))] if one_at_a_time else [list(range(len(prompts)))]
     results: dict[int, dict[str, Any]] = {}
     for batch in batches:
@@ -158,7 +170,7 @@ def _generate(engine, side, prompts: list[list[int]], max_tokens: int, one_at_a_
         start = time.perf_counter()
         first_token: dict[int, float] = {}
         for i in batch:
-            engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, params)
+            engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, params[i])
         while engine.has_unfinished_requests():
             for out in engine.step():
                 i = int(out.request_id)
@@ -169,12 +181,12 @@ def _generate(engine, side, prompts: list[list[int]], max_tokens: int, one_at_a_
                         "token_ids": list(out.outputs[0].token_ids),
                         "num_cached_tokens": out.num_cached_tokens or 0,
                         "ttft_s": first_token.get(i, 0.0),
+                        "finish_s": time.perf_counter() - start,
                     }
         loaded = (side.loaded_tokens if side else 0) - loaded_before
         for i in batch:
             results[i]["flexkv_tokens"] = loaded if len(batch) == 1 else 0
-        if side:
-            _drain(engine, side)
+        _drain(engine, side)
     return [results[i] for i in range(len(prompts))]
 
 
@@ -191,10 +203,13 @@ def _block_hashes(engine, prompt: list[int]) -> list[bytes]:
 
 
 def _drain(engine, side, timeout_s: float = 120) -> None:
+    """Step until no transfer is in flight: FlexKV's own count, or vLLM's view for other connectors
+    (finished requests whose blocks a connector still holds keep the scheduler busy)."""
+    scheduler = engine.engine_core.engine_core.scheduler
     deadline = time.monotonic() + timeout_s
-    while side is not None and side.num_inflight:
+    while side.num_inflight if side is not None else scheduler.has_requests():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{side.num_inflight} FlexKV transfers still in flight after {timeout_s}s")
+            raise TimeoutError(f"connector transfers still in flight after {timeout_s}s")
         engine.step()
 
 

@@ -6,6 +6,7 @@
 #   here:   bash scripts/gpu-bundle.sh build            # downloads, splits into .gpu-bundle/chunk-*/
 #   there:  bash scripts/gpu-bundle.sh receive DIR      # once per chunk: keeps it under $BUNDLE_HOME
 #   there:  bash scripts/gpu-bundle.sh install          # joins, checks sha256, installs; prints the env
+#           (a second `install` only refreshes this package)
 #
 # On the GPU machine, after `install`: `source "$BUNDLE_HOME/env.sh"` puts vLLM and this package on
 # PYTHONPATH (vLLM's plugin entry point is found that way).
@@ -65,14 +66,21 @@ install() {
   [ -f "$parts/vllm.sha256" ] || { say "chunk-0 (dependencies + checksum) not received yet"; exit 1; }
   local name
   name=$(awk '{print $2}' "$parts/vllm.sha256")
+  if [ -d "$BUNDLE_HOME/site/vllm" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target "$BUNDLE_HOME/proj-site" "$ROOT"
+    say "vLLM already installed; refreshed this package"
+    return 0
+  fi
   cat "$parts"/vllm.whl.part-* > "$BUNDLE_HOME/$name"
   (cd "$BUNDLE_HOME" && sha256sum -c --quiet "$parts/vllm.sha256") \
     || { say "checksum mismatch for $name: a chunk is missing or damaged; receive every chunk again"; exit 1; }
   say "joined $name, checksum ok; installing into $BUNDLE_HOME/site"
   python3 -m pip install -q --no-index --no-deps --target "$BUNDLE_HOME/site" "$BUNDLE_HOME/$name" "$parts"/*.whl
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$BUNDLE_HOME/proj-site" "$ROOT"
+  # The checkout sourcing env.sh comes first, so a newer working tree runs without reinstalling;
+  # proj-site carries the package's metadata (vLLM finds the plugin entry point there).
   cat > "$BUNDLE_HOME/env.sh" <<EOF
-export PYTHONPATH="$BUNDLE_HOME/proj-site:$BUNDLE_HOME/site\${PYTHONPATH:+:\$PYTHONPATH}"
+export PYTHONPATH="\$PWD:$BUNDLE_HOME/proj-site:$BUNDLE_HOME/site\${PYTHONPATH:+:\$PYTHONPATH}"
 export VLLM_USE_FLASHINFER_SAMPLER=0   # FlashInfer is not part of the bundle
 EOF
   # shellcheck disable=SC1091

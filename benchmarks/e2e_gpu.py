@@ -1,0 +1,365 @@
+"""End to end on a GPU: dynamo-flexkv inside a real vLLM, against recompute and vLLM's own offloading.
+
+Run on a CUDA machine with vLLM installed (docs/gpu.md: `scripts/gpu-bundle.sh` brings vLLM 0.26 to
+the lent H200), one table per run:
+
+    python3 benchmarks/e2e_gpu.py --table smoke  # tiny model under cache pressure, both model runners
+    python3 benchmarks/e2e_gpu.py --table all    # Llama-3-8B shape, per engine config, in one engine:
+                                                 #   greedy tokens vs recompute, TTFT of a re-asked
+                                                 #   4k/16k/32k prompt, decode tokens/s while saves run
+    python3 benchmarks/e2e_gpu.py --table pool   # pinning the CPU pool: 8/32/96 GiB
+    (--configs a,b picks engine configs; --tp 2 on a two-GPU machine; --out FILE.json writes the raw
+    figures; --report FILE.json... prints the tables of one or more such files, merged)
+
+The model has Llama-3-8B's shape (32 layers, 32 heads, 8 KV heads, head dim 128, hidden 4096,
+MLP 14336, bf16) with random weights written on the device under a fixed seed, and the offline
+tokenizer's vocabulary. Every engine config runs in its own process (dynamo_flexkv.harness), one
+after the other, on the same prompts. A prompt's prefix is pushed out of vLLM's GPU cache either by
+cache pressure (a small `num_gpu_blocks_override`) or by `reset_prefix_cache`, which drops vLLM's own
+cache only; the connector keeps its tiers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dynamo_flexkv.harness import EngineHost  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128)
+KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x kv heads x head dim x (K, V) x bf16
+CPU_GB = 16  # the CPU budget every offloading config gets
+FLEXKV = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both"}
+
+
+def log(message: str) -> None:
+    print(f"[e2e_gpu {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+def write_random_llama(out: Path, shape: dict[str, int], seed: int = 0) -> Path:
+    """A Llama checkpoint with random weights, generated on the GPU and written as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dynamo_flexkv.tiny_model import build_tokenizer
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(out)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "max_position_embeddings": 65536, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "bos_token_id": 0, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "hidden_act": "silu", **shape,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    h, m, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+    q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*size: int, std: float = 0.02):
+        return (torch.randn(*size, generator=gen, device="cuda") * std).to(torch.bfloat16).cpu()
+
+    index = {}
+    head = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+            "lm_head.weight": rand(vocab, h, std=0.16)}  # wider logits: greedy decoding without near-ties
+    shards = [head]
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shards.append({
+            p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
+            p + "mlp.gate_proj.weight": rand(m, h), p + "mlp.up_proj.weight": rand(m, h),
+            p + "mlp.down_proj.weight": rand(h, m),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        })
+    for n, tensors in enumerate(shards):
+        name = f"model-{n:05d}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        index.update(dict.fromkeys(tensors, name))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return out
+
+
+# --- engine configs ------------------------------------------------------------------------------
+
+def engine_config(name: str, base: dict) -> tuple[dict, dict[str, str]]:
+    """(LLM kwargs, environment) of a named config. `-v1` selects vLLM's V1 model runner."""
+    kwargs, env = dict(base), {}
+    if name.endswith("-v1"):
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        name = name.removesuffix("-v1")
+    if name.startswith("flexkv"):
+        kwargs["kv_transfer_config"] = FLEXKV
+        env.update(FLEXKV_CPU_CACHE_GB=str(CPU_GB), FLEXKV_LAYERWISE_LOAD="0" if name == "flexkv-async" else "1")
+    elif name in ("vllm-offloading", "vllm-simple-offload"):
+        kwargs.update(kv_offloading_size=CPU_GB, kv_offloading_backend="native")
+        env["VLLM_USE_SIMPLE_KV_OFFLOAD"] = "1" if name == "vllm-simple-offload" else "0"
+    elif name != "recompute":
+        raise ValueError(f"unknown config {name!r}")
+    return kwargs, env
+
+
+def start(model: Path, name: str, base: dict) -> EngineHost:
+    kwargs, env = engine_config(name, base)
+    env.update(VLLM_USE_FLASHINFER_SAMPLER="0", FLEXKV_LOG_LEVEL="WARNING")
+    began = time.perf_counter()
+    host = EngineHost(str(model), kwargs, env=env, start_timeout_s=900)
+    log(f"{name}: engine up in {time.perf_counter() - began:.0f}s")
+    return host
+
+
+def prompts_of(seed: int, count: int, length: int, vocab: int = 1000) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+# --- measurements, each on one running engine --------------------------------------------------
+
+def pressure_then_again(host: EngineHost, prompts: list[list[int]], max_tokens: int) -> dict:
+    """All prompts at once (they do not fit in vLLM's cache together), then each one again, alone,
+    after its prefix left vLLM's cache: the greedy tokens are compared with recompute's."""
+    pressure = host.generate(prompts, max_tokens=max_tokens, timeout_s=600)
+    again = []
+    for prompt in prompts:
+        host.reset_gpu_prefix_cache()
+        again.append(host.generate([prompt], max_tokens=max_tokens, timeout_s=300)[0])
+    return {"pressure_tokens": [c.token_ids for c in pressure], "again_tokens": [c.token_ids for c in again],
+            "again_loaded_tokens": [c.flexkv_tokens for c in again]}
+
+
+def ttft(host: EngineHost, lengths: list[int], reps: int) -> dict:
+    """Time to first token of a prompt asked again once its prefix left vLLM's GPU cache."""
+    rows = {}
+    for length in lengths:
+        prompt = prompts_of(length, 1, length + 7)[0]
+        first = host.generate([prompt], max_tokens=1, timeout_s=300)[0]
+        samples, tokens = [], []
+        for _ in range(reps):
+            host.reset_gpu_prefix_cache()
+            c = host.generate([prompt], max_tokens=1, timeout_s=300)[0]
+            samples.append(c.ttft_s)
+            tokens.append(c.token_ids)
+        rows[str(length)] = {**summary(samples), "samples": samples, "first_ask_s": first.ttft_s, "tokens": tokens}
+        log(f"  TTFT {length} tokens: median {statistics.median(samples) * 1e3:.1f} ms "
+            f"({min(samples) * 1e3:.1f}-{max(samples) * 1e3:.1f}); first ask {first.ttft_s * 1e3:.1f} ms")
+    return rows
+
+
+def decode(host: EngineHost, batches: list[int], reps: int, saver_len: int = 8192, max_tokens: int = 256) -> dict:
+    """Decode tokens/s of a batch while two long requests finish beside it after one token, so their
+    saves run during the batch's decode. The same work with and without a connector."""
+    rows = {}
+    for batch in batches:
+        rates = []
+        for rep in range(reps):
+            decoders = prompts_of(1000 * batch + rep, batch, 512)
+            savers = prompts_of(2000 * batch + rep, 2, saver_len)
+            limits = [max_tokens] * batch + [1] * len(savers)
+            out = host.generate(decoders + savers, max_tokens=limits, timeout_s=600)[:batch]
+            start_s, end_s = max(c.ttft_s for c in out), max(c.finish_s for c in out)
+            rates.append(batch * (max_tokens - 1) / (end_s - start_s))
+            host.reset_gpu_prefix_cache()
+        rows[str(batch)] = {**summary(rates), "samples": rates}
+        log(f"  decode batch {batch}: {statistics.median(rates):.0f} tokens/s ({min(rates):.0f}-{max(rates):.0f})")
+    return rows
+
+
+def run_config(model: Path, name: str, base: dict, reps: int) -> dict:
+    with start(model, name, base) as host:
+        host.generate(prompts_of(99, 1, 512), max_tokens=2)  # warm-up: kernels, allocator
+        result = {"correctness": pressure_then_again(host, prompts_of(1, 16, 6000), max_tokens=32)}
+        log(f"  correctness: loaded tokens when asked again {result['correctness']['again_loaded_tokens']}")
+        result["ttft"] = ttft(host, [4096, 16384, 32768], reps)
+        result["decode"] = decode(host, [1, 32], max(3, reps // 2))
+    return result
+
+
+def smoke(model: Path, configs: list[str], base: dict) -> dict:
+    results = {}
+    for name in configs:
+        with start(model, name, base) as host:
+            results[name] = {"correctness": pressure_then_again(host, prompts_of(1, 8, 950), max_tokens=16)}
+    return results
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def report(paths: list[str]) -> None:
+    """Print the tables of result files (several runs' configs merged; the first file's machine)."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    configs: dict[str, dict] = {}
+    for record in records:
+        configs.update(record["results"])
+    print(f"machine: {records[0]['machine']}; runs: {', '.join(r['date'] for r in records)}")
+    print("\n| config | asked again: identical / prompts | under pressure: identical | tokens loaded when asked again |")
+    print("|---|---|---|---|")
+    for name, got in configs.items():
+        if "correctness" not in got:
+            continue
+        ref = configs.get("recompute-v1" if name.endswith("-v1") else "recompute", {}).get("correctness")
+        c = got["correctness"]
+        same = sum(a == b for a, b in zip(c["again_tokens"], ref["again_tokens"])) if ref else "-"
+        same_p = sum(a == b for a, b in zip(c["pressure_tokens"], ref["pressure_tokens"])) if ref else "-"
+        print(f"| {name} | {same} / {len(c['again_tokens'])} | {same_p} / {len(c['pressure_tokens'])} "
+              f"| {min(c['again_loaded_tokens'])}-{max(c['again_loaded_tokens'])} |")
+    with_ttft = {n: g["ttft"] for n, g in configs.items() if "ttft" in g}
+    if with_ttft:
+        print("\n| TTFT, ms: median (min-max) | " + " | ".join(with_ttft) + " |")
+        print("|---" * (len(with_ttft) + 1) + "|")
+        for length in next(iter(with_ttft.values())):
+            cells = []
+            for name, rows in with_ttft.items():
+                row = rows[length]
+                cell = f"{row['median'] * 1e3:.1f} ({row['min'] * 1e3:.1f}-{row['max'] * 1e3:.1f})"
+                ratios = [f"{row['median'] / with_ttft[p][length]['median']:.2f}x {p}"
+                          for p in ("recompute", "vllm-offloading", "vllm-simple-offload") if p in with_ttft and p != name]
+                cells.append(cell + ("<br>" + ", ".join(ratios) if ratios else ""))
+            print(f"| {length} tokens | " + " | ".join(cells) + " |")
+    with_decode = {n: g["decode"] for n, g in configs.items() if "decode" in g}
+    if with_decode:
+        print("\n| decode tokens/s: median (min-max) | " + " | ".join(with_decode) + " |")
+        print("|---" * (len(with_decode) + 1) + "|")
+        for batch in next(iter(with_decode.values())):
+            cells = []
+            for name, rows in with_decode.items():
+                row = rows[batch]
+                ratio = (f"<br>{row['median'] / with_decode['recompute'][batch]['median']:.3f}x recompute"
+                         if "recompute" in with_decode and name != "recompute" else "")
+                cells.append(f"{row['median']:.0f} ({row['min']:.0f}-{row['max']:.0f}){ratio}")
+            print(f"| batch {batch} | " + " | ".join(cells) + " |")
+    if "pool" in configs:
+        rows = configs["pool"]
+        print(f"\npinned CPU pool (/dev/shm {rows['dev_shm_gib']:.0f} GiB, host RAM {rows['host_ram_gib']:.0f} GiB)")
+        print("| GiB | create s | pin s | GiB/s pinned | unpin s | copy through last slot |\n|---|---|---|---|---|---|")
+        for size, row in rows.items():
+            if isinstance(row, dict) and "pin_s" in row:
+                print(f"| {size} | {row['create_s']:.2f} | {row['pin_s']:.2f} | {row['pin_gib_per_s']:.1f} "
+                      f"| {row['unpin_s']:.2f} | {'ok' if row['copy_ok'] else 'WRONG'} |")
+            elif isinstance(row, dict):
+                print(f"| {size} | {row['skipped']} |")
+
+
+def pool(sizes_gib: list[int]) -> dict:
+    """Time to create and pin (cudaHostRegister) the CPU pool, and a copy through its last slot."""
+    import torch
+
+    from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
+    from dynamo_flexkv.storage.layout import PoolGeometry
+    from dynamo_flexkv.storage.pinning import pin_host_memory
+
+    shm = os.statvfs("/dev/shm")
+    results = {"dev_shm_gib": shm.f_bsize * shm.f_blocks / 2**30, "host_ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30}
+    block = 16 * KV_BYTES_PER_TOKEN
+    for size in sizes_gib:
+        geometry = PoolGeometry.for_capacity(size << 30, block, 1)
+        if geometry.total_bytes > shm.f_bsize * shm.f_bavail:
+            results[str(size)] = {"skipped": f"/dev/shm has {shm.f_bsize * shm.f_bavail / 2**30:.0f} GiB free"}
+            log(f"pool {size} GiB: skipped, /dev/shm too small")
+            continue
+        began = time.perf_counter()
+        cpu_pool = CpuBlockPool(f"dynamo-flexkv-bench-pool-{size}", geometry)
+        created = time.perf_counter() - began
+        try:
+            region = pin_host_memory(cpu_pool.tensor, strict=True)
+            pinned = region.seconds
+            probe = torch.randint(0, 255, (block,), dtype=torch.uint8, device="cuda")
+            cpu_pool.tensor[-1].copy_(probe, non_blocking=True)
+            back = cpu_pool.tensor[-1].to("cuda", non_blocking=True)
+            torch.cuda.synchronize()
+            works = bool(torch.equal(back, probe))
+            began = time.perf_counter()
+            region.unpin()
+            unpinned = time.perf_counter() - began
+        finally:
+            cpu_pool.unlink()
+        results[str(size)] = {"create_s": created, "pin_s": pinned, "unpin_s": unpinned, "copy_ok": works,
+                              "pin_gib_per_s": size / pinned}
+        log(f"pool {size} GiB: created {created:.2f}s, pinned {pinned:.2f}s ({size / pinned:.1f} GiB/s), copy ok {works}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=["smoke", "all", "pool"])
+    parser.add_argument("--report", nargs="+", help="print the tables of these result files")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "flexkv-llama3-8b-shape"))
+    parser.add_argument("--configs", help="comma-separated engine configs (default: the table's)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", help="write the raw figures as JSON here")
+    args = parser.parse_args()
+
+    if args.report:
+        report(args.report)
+        return
+    base = dict(enforce_eager=True, enable_prefix_caching=True, dtype="bfloat16", seed=0,
+                tensor_parallel_size=args.tp, gpu_memory_utilization=0.85, max_num_seqs=64)
+    if args.table == "smoke":
+        from dynamo_flexkv.tiny_model import build
+
+        model = build(Path(tempfile.gettempdir()) / "flexkv-tiny")
+        base.update(block_size=16, num_gpu_blocks_override=100, max_model_len=2048)
+        configs = ["recompute", "flexkv-layerwise", "flexkv-async", "recompute-v1", "flexkv-layerwise-v1", "flexkv-async-v1"]
+        data = smoke(model, _pick(args, configs), base)
+    elif args.table == "all":
+        began = time.perf_counter()
+        model = write_random_llama(Path(args.model_dir), LLAMA3_8B)
+        log(f"model at {model} ({time.perf_counter() - began:.0f}s)")
+        # 64k tokens of vLLM cache: a 32k prompt fits, 16 x 6k prompts do not (cache pressure)
+        base.update(num_gpu_blocks_override=4096, max_model_len=32768 + 64)
+        configs = ["recompute", "flexkv-layerwise", "flexkv-async", "vllm-offloading", "vllm-simple-offload"]
+        data = {name: run_config(model, name, base, args.reps) for name in _pick(args, configs)}
+    else:
+        data = {"pool": pool([8, 32, 96])}
+    record = {"table": args.table, "tp": args.tp, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": _machine(), "results": data}
+    out = args.out or os.path.join(tempfile.gettempdir(), f"e2e_gpu-{args.table}.json")
+    Path(out).write_text(json.dumps(record, indent=1))
+    log(f"wrote {out}")
+    report([out])
+
+
+def _pick(args, default: list[str]) -> list[str]:
+    return args.configs.split(",") if args.configs else default
+
+
+def _machine() -> dict:
+    info = {"python": platform.python_version()}
+    try:
+        import torch
+        import vllm
+
+        info.update(vllm=vllm.__version__, torch=torch.__version__,
+                    gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+        info["cpu_cores"] = os.cpu_count()
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as exc:  # the figures stand without the machine description
+        info["error"] = repr(exc)
+    return info
+
+
+if __name__ == "__main__":
+    main()
