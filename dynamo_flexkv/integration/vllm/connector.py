@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -23,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.flexkv_connector import FlexKV
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from dynamo_flexkv.config import load_settings
+from dynamo_flexkv.integration.vllm.compat import untested_version_warning
 from dynamo_flexkv.integration.vllm.instance import describe_instance
 from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
@@ -61,6 +63,8 @@ class FlexKVConnector(FlexKVConnectorV1):
         # Validate every setting first: a bad value fails here, before vLLM allocates its KV cache.
         settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
         configure_logging(settings.log_level)
+        if (warning := untested_version_warning(vllm.__version__)) is not None:
+            logger.warning(warning)
         self._metrics = settings.enable_metrics
         facts = describe_instance(vllm_config, kv_cache_config, settings)
         if settings.enable_gds:
