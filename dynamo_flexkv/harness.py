@@ -200,7 +200,7 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
         "loaded_tokens": side.loaded_tokens,
         "engine_stats": vars(side.engine.snapshot()),
     }
-    if side.lower_io is not None:
-        store = side.lower_io.store
-        state["ssd"] = {"healthy": store.healthy, "reason": store.degraded_reason, **vars(store.stats)}
+    for backend in side.tiers.backends:
+        tier = {"healthy": backend.healthy, "reason": backend.degraded_reason}
+        state[backend.name.lower()] = {**tier, **vars(backend.stats)}
     return state
