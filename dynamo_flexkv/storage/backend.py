@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 # scheme -> "module:Class"; imported only when a setting names the scheme
 BACKENDS = {
     "ssd": "dynamo_flexkv.storage.ssd_tier:SsdTier",
+    "redis": "dynamo_flexkv.storage.remote.redis:RedisTier",
 }
 
 

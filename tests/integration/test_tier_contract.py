@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+import redis
 import torch
 
 from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.integration.dynamo.processes import Deployment, free_port
 from dynamo_flexkv.storage.backend import BACKENDS, IoResult, TierBackend, open_backend
 from tests.example_tier import MemoryTier
 
@@ -62,7 +64,25 @@ def open_ssd(tmp_path) -> Iterator[Tier]:
     yield Tier(tier, corrupt, lambda: shutil.rmtree(disk))
 
 
-OPENERS = {"memory": open_memory, "ssd": open_ssd}
+def open_redis(tmp_path) -> Iterator[Tier]:
+    port = free_port()
+    with Deployment(tmp_path) as services:
+        server = services.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                                          "--save", "", "--appendonly", "no"])
+        client = redis.Redis(port=port)
+        services.wait_for(client.ping, 10, "redis-server answering")
+        settings = FlexKVSettings(remote_store=f"redis://127.0.0.1:{port}/0", remote_timeout_s=2)
+        tier = open_backend("redis", LAYOUT, SLOT, settings)
+
+        def corrupt(key: bytes, addr: int) -> None:
+            name = tier._framing.name(key)
+            value = client.get(name)
+            client.set(name, value[:-1] + bytes([value[-1] ^ 0xFF]))
+
+        yield Tier(tier, corrupt, lambda: server.stop(grace_s=5))
+
+
+OPENERS = {"memory": open_memory, "ssd": open_ssd, "redis": open_redis}
 
 
 @pytest.fixture(params=sorted(OPENERS))
@@ -155,3 +175,21 @@ def test_recover_lists_key_address_parent_triples(tier):
     found = tier.backend.recover()
     assert all(isinstance(k, bytes) and isinstance(a, int) and (p is None or isinstance(p, bytes))
                for k, a, p in found)
+
+
+UNREACHABLE = {"redis": "redis://127.0.0.1:{port}/0"}  # cluster stores: a URL where nothing listens
+
+
+@pytest.mark.parametrize("scheme", sorted(UNREACHABLE))
+def test_an_unreachable_store_fails_at_start_up_in_one_line_or_starts_degraded(scheme):
+    url = UNREACHABLE[scheme].format(port=free_port())
+    with pytest.raises(ConnectionError) as failed:
+        open_backend(scheme, LAYOUT, SLOT, FlexKVSettings(remote_store=url, remote_timeout_s=2))
+    assert url in str(failed.value) and "\n" not in str(failed.value)
+    settings = FlexKVSettings(remote_store=url, remote_timeout_s=2, remote_start_degraded=True)
+    tier = open_backend(scheme, LAYOUT, SLOT, settings)
+    try:
+        assert not tier.healthy and "unreachable" in tier.degraded_reason
+        assert tier.lookup([b"k" * 32]).result(timeout=TIMEOUT) == [False]
+    finally:
+        tier.close()
