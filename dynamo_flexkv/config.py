@@ -218,8 +218,9 @@ class FlexKVSettings(BaseModel):
     )
     remote_cache_gb: float = _gb_field(
         0.0,
-        "Capacity in GiB this instance uses in the remote store; 0 leaves the limit to the "
-        "store.",
+        "Memory in GiB this instance contributes to the remote store (Mooncake: its segment, "
+        "at least 16 MiB) and the size of its index view of the store; 0 contributes nothing "
+        "(Redis: memory is Redis's own maxmemory) and keeps a default view.",
         ge=0,
         allowed="a number >= 0 (GiB); > 0 needs remote_store",
     )

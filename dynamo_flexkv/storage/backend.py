@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 BACKENDS = {
     "ssd": "dynamo_flexkv.storage.ssd_tier:SsdTier",
     "redis": "dynamo_flexkv.storage.remote.redis:RedisTier",
+    "mooncake": "dynamo_flexkv.storage.remote.mooncake:MooncakeTier",
 }
 
 

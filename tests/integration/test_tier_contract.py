@@ -22,6 +22,7 @@ from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.integration.dynamo.processes import Deployment, free_port
 from dynamo_flexkv.storage.backend import BACKENDS, IoResult, TierBackend, open_backend
 from tests.example_tier import MemoryTier
+from tests.servers import mooncake_master
 
 SLOT = 64 * 1024
 POOL_SLOTS = 16
@@ -82,7 +83,21 @@ def open_redis(tmp_path) -> Iterator[Tier]:
         yield Tier(tier, corrupt, lambda: server.stop(grace_s=5))
 
 
-OPENERS = {"memory": open_memory, "ssd": open_ssd, "redis": open_redis}
+def open_mooncake(tmp_path) -> Iterator[Tier]:
+    with mooncake_master(tmp_path) as (services, url):
+        settings = FlexKVSettings(remote_store=url, remote_cache_gb=64 / 1024, remote_timeout_s=2)
+        tier = open_backend("mooncake", LAYOUT, SLOT, settings)
+
+        def corrupt(key: bytes, addr: int) -> None:
+            store, name = tier._store, tier._framing.name(key)
+            value = store.get(name)
+            assert store.remove(name, True) == 0
+            assert store.put(name, value[:-1] + bytes([value[-1] ^ 0xFF])) == 0
+
+        yield Tier(tier, corrupt, lambda: services["mooncake-master"].stop(grace_s=5))
+
+
+OPENERS = {"memory": open_memory, "ssd": open_ssd, "redis": open_redis, "mooncake": open_mooncake}
 
 
 @pytest.fixture(params=sorted(OPENERS))
@@ -177,7 +192,7 @@ def test_recover_lists_key_address_parent_triples(tier):
                for k, a, p in found)
 
 
-UNREACHABLE = {"redis": "redis://127.0.0.1:{port}/0"}  # cluster stores: a URL where nothing listens
+UNREACHABLE = {"redis": "redis://127.0.0.1:{port}/0", "mooncake": "mooncake://127.0.0.1:{port}"}  # cluster stores: a URL where nothing listens
 
 
 @pytest.mark.parametrize("scheme", sorted(UNREACHABLE))
