@@ -39,10 +39,11 @@ class EngineError(RuntimeError):
 
 class EngineHost:
     def __init__(self, model: str, engine_kwargs: dict[str, Any], env: dict[str, str] | None = None,
-                 start_timeout_s: float = 600):
+                 start_timeout_s: float = 600, netns: str | None = None):
+        """`netns`: the name of a network namespace (`ip netns add`) the engine runs in, as on its own node."""
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, model, engine_kwargs, {**DEFAULT_ENV, **(env or {})}),
+        self.process = ctx.Process(target=_serve, args=(child, model, engine_kwargs, {**DEFAULT_ENV, **(env or {})}, netns),
                                    daemon=False)  # vLLM may spawn TP workers from it
         self.process.start()
         child.close()
@@ -102,9 +103,23 @@ class EngineHost:
 
 # --- child process -------------------------------------------------------------------------------
 
-def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str]) -> None:
+def _enter_netns(name: str) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
+
+
+def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str], netns: str | None = None) -> None:
     os.environ.update(env)
     try:
+        if netns is not None:
+            _enter_netns(netns)
         from vllm import LLM
 
         llm = LLM(model=model, **engine_kwargs)
