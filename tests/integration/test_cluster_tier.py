@@ -120,3 +120,21 @@ def test_a_full_store_declines_puts_and_keeps_serving(tmp_path):
             assert read.ok == [True] * 8
         finally:
             tier.close()
+
+
+def test_a_cut_network_is_the_same_as_a_lost_master(tiny_model, cluster, reference):
+    network, _, _ = cluster
+    prompts = make_prompts(31)
+    expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
+    with node_engine(tiny_model, cluster, 1) as host:
+        assert tokens(host.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+        push_out_of_gpu_cache(host, random.Random(4))
+        network.cut(1)
+        try:
+            start = time.monotonic()
+            assert tokens(host.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+            state = host.flexkv_state()
+            assert time.monotonic() - start < DEADLINE_S
+        finally:
+            network.mend(1)
+    assert state["mooncake"]["healthy"] is False, state
