@@ -162,15 +162,16 @@ class MooncakeTier:
         """The pool's rows, and per slot the (header, data) addresses and sizes of its value."""
         rows = pool.numpy()
         base = rows.ctypes.data
-        registered = self._pools.get(base)
-        if registered is None:
-            headers = np.zeros((rows.shape[0], HEADER_BYTES), np.uint8)
-            for address, size in ((base, rows.nbytes), (headers.ctypes.data, headers.nbytes)):
-                code = self._store.register_buffer(address, size)
-                if code != 0:
-                    raise RuntimeError(f"Mooncake register_buffer of {size} bytes failed with code {code}")
-            registered = self._pools[base] = (headers.ctypes.data, headers)
-        header_base, headers = registered
+        with self._setup_lock:  # the I/O threads' first calls race to register the pool
+            registered = self._pools.get(base)
+            if registered is None:
+                headers = np.zeros((rows.shape[0], HEADER_BYTES), np.uint8)
+                for address, size in ((base, rows.nbytes), (headers.ctypes.data, headers.nbytes)):
+                    code = self._store.register_buffer(address, size)
+                    if code != 0:
+                        raise RuntimeError(f"Mooncake register_buffer of {size} bytes failed with code {code}")
+                registered = self._pools[base] = (headers.ctypes.data, headers)
+        header_base, _ = registered
         slot_bytes = self._framing.slot_bytes
         ptrs = [[header_base + s * HEADER_BYTES, base + s * slot_bytes] for s in pool_slots]
         return rows, ptrs, [[HEADER_BYTES, slot_bytes]] * len(pool_slots)
