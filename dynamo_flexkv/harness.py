@@ -38,7 +38,7 @@ class EngineError(RuntimeError):
 
 
 class EngineHost:
-    def __init__(self, model: str, engine_kwargs: dict[str, Any], env: dict[str, str] | None = None,
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], env: dict[str, str | None] | None = None,
                  start_timeout_s: float = 600, netns: str | None = None):
         """`netns`: the name of a network namespace (`ip netns add`) the engine runs in, as on its own node."""
         ctx = mp.get_context("spawn")
@@ -115,8 +115,12 @@ def _enter_netns(name: str) -> None:
         os.close(fd)
 
 
-def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str], netns: str | None = None) -> None:
-    os.environ.update(env)
+def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str | None], netns: str | None = None) -> None:
+    for name, value in env.items():  # None: the variable is unset in the engine's process
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         if netns is not None:
             _enter_netns(netns)

@@ -44,17 +44,21 @@ class InstanceFacts:
     layout: dict[str, str | int]  # what a stored block's bytes depend on: namespaces the lower tiers
 
 
+def require_shared_hashes(hash_algo: str, setting: str) -> None:
+    """Refuse (one clear error) when this process's block hashes cannot match another process's."""
+    if hash_algo in NON_DETERMINISTIC_HASH_ALGOS and os.environ.get("PYTHONHASHSEED") is None:
+        raise ValueError(
+            f"{setting} shares KV blocks between processes, but prefix_caching_hash_algo={hash_algo} "
+            "seeds every process's block hashes randomly: set PYTHONHASHSEED to the same value on "
+            "every engine, or use prefix_caching_hash_algo=sha256 / sha256_cbor"
+        )
+
+
 def shared_tier_layout(layout: dict[str, str | int], setting: str) -> dict[str, str | int]:
     """The layout a shared tier namespaces its keys by: the instance's layout plus the block-hash
-    seed. Refuses (one clear error) when this process's block hashes cannot match another's."""
-    algo = str(layout.get("hash_algo", ""))
+    seed, so engines whose hashes differ never read each other's values."""
+    require_shared_hashes(str(layout.get("hash_algo", "")), setting)
     seed = os.environ.get("PYTHONHASHSEED")
-    if algo in NON_DETERMINISTIC_HASH_ALGOS and seed is None:
-        raise ValueError(
-            f"{setting} shares KV blocks between processes, but prefix_caching_hash_algo={algo} seeds "
-            "every process's block hashes randomly: set PYTHONHASHSEED to the same value on every "
-            "engine, or use prefix_caching_hash_algo=sha256 / sha256_cbor"
-        )
     return {**layout, "hash_seed": seed if seed is not None else "vllm-default"}
 
 

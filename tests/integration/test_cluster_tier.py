@@ -4,19 +4,22 @@ Each engine runs in its own network namespace (its own loopback and address), jo
 namespace holding the Mooncake master, its metadata server and a store node that contributes the
 memory. Engine A computes prompts and exits; engine B, which never saw them, loads their KV from the
 store and must produce the tokens of an engine without the connector. Faults: the master dies (the
-tier degrades to recompute, no request hangs, no wrong token) and comes back (sharing resumes); a
-full store declines puts.
+tier degrades to recompute, no request hangs, no wrong token) and comes back (sharing resumes); a cut
+network link is the same as a lost master; a full store declines puts. At start-up: an engine whose
+block hashes cannot match another's refuses the tier, and an unreachable store is one error line.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import time
 
 import pytest
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.harness import EngineHost
+from dynamo_flexkv.harness import EngineError, EngineHost
+from dynamo_flexkv.integration.dynamo.processes import free_port
 from dynamo_flexkv.storage.backend import open_backend
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
 from tests.servers import master_argv, mooncake_cluster, mooncake_master
@@ -138,3 +141,26 @@ def test_a_cut_network_is_the_same_as_a_lost_master(tiny_model, cluster, referen
         finally:
             network.mend(1)
     assert state["mooncake"]["healthy"] is False, state
+
+
+def start_failure(tiny_model: str, env: dict[str, str | None], **engine) -> str:
+    with pytest.raises(EngineError) as failure:
+        EngineHost(tiny_model, {**ENGINE, **engine, "kv_transfer_config": COMPAT_CONFIG}, env=env).close()
+    return str(failure.value)
+
+
+def test_an_engine_with_per_process_random_block_hashes_refuses_the_cluster_tier(tiny_model):
+    trace = start_failure(tiny_model, {"FLEXKV_REMOTE_STORE": "redis://127.0.0.1:6379/0", "PYTHONHASHSEED": None},
+                          prefix_caching_hash_algo="xxhash")
+    assert "remote_store shares KV blocks between processes" in trace and "PYTHONHASHSEED" in trace
+    assert "initialize_kv_cache" not in re.findall(r", in (\w+)\n", trace)  # before vLLM allocated its cache
+
+
+def test_an_engine_whose_store_is_unreachable_fails_at_start_up_in_one_line(tiny_model):
+    url = f"mooncake://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    trace = start_failure(tiny_model, {"FLEXKV_REMOTE_STORE": url, "FLEXKV_REMOTE_TIMEOUT_S": "2"})
+    lines = [line for line in trace.splitlines() if line.startswith("ConnectionError")]
+    assert lines == [f"ConnectionError: remote_store {url}: Mooncake master unreachable ([Errno 111] Connection "
+                     "refused); start the master, fix the URL, or set remote_start_degraded to start without it"]
+    assert time.monotonic() - start < DEADLINE_S

@@ -14,13 +14,15 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig
 
 from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.storage.layout import PoolGeometry
-from dynamo_flexkv.tiers import InstanceFacts
+from dynamo_flexkv.tiers import InstanceFacts, require_shared_hashes
 
 
 def describe_instance(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, settings: FlexKVSettings
 ) -> InstanceFacts:
     parallel = vllm_config.parallel_config
+    if settings.remote_enabled:  # both roles check it, before vLLM allocates its KV cache
+        require_shared_hashes(str(vllm_config.cache_config.prefix_caching_hash_algo), "remote_store")
     if parallel.pipeline_parallel_size > 1:
         raise ValueError("dynamo-flexkv does not support pipeline parallelism yet (pipeline_parallel_size > 1)")
     groups = kv_cache_config.kv_cache_groups
