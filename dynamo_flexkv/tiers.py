@@ -21,7 +21,7 @@ from dynamo_flexkv.index.engine import CacheEngine
 from dynamo_flexkv.index.plans import LoadPlan
 from dynamo_flexkv.index.policies import make_policy
 from dynamo_flexkv.index.tier import TierIndex
-from dynamo_flexkv.storage.backend import TierBackend, backend_scheme, open_backend
+from dynamo_flexkv.storage.backend import TierBackend, backend_scheme, completed, open_backend
 from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import PoolGeometry
 from dynamo_flexkv.transfer.tier_io import LowerTiers
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 CPU_TIER = "CPU"
 SHUTDOWN_TIMEOUT_S = 30
 ABSENT_TTL_S = 1.0  # how long a shared tier's "not there" is believed: a waiting request re-asks after it
+MAX_ABSENT_KEYS = 1 << 16
 # vLLM derives the root of every block-hash chain from PYTHONHASHSEED when set; otherwise from a
 # fixed seed for its sha256 algorithms and from a random per-process seed for its xxhash ones.
 NON_DETERMINISTIC_HASH_ALGOS = ("xxhash", "xxhash_cbor")
@@ -115,16 +116,14 @@ class SharedLookups:
     def _ask(self, keys: tuple[bytes, ...]) -> Future:
         try:
             return self.backend.lookup(keys)
-        except Exception:
+        except Exception:  # a backend answers False, never raises; if one does, it is a miss
             logger.exception("tier %s: lookup could not be submitted", self.backend.name)
-            failed: Future = Future()
-            failed.set_result([False] * len(keys))
-            return failed
+            return completed([False] * len(keys))
 
     def _absent_from(self, key: bytes, now: float) -> None:
-        if len(self._absent) > 65536:  # bounded: drop the expired, then everything if still large
+        if len(self._absent) > MAX_ABSENT_KEYS:  # bounded: drop the expired, then everything if still large
             self._absent = {k: t for k, t in self._absent.items() if t > now}
-            if len(self._absent) > 65536:
+            if len(self._absent) > MAX_ABSENT_KEYS:
                 self._absent.clear()
         self._absent[key] = now + self.absent_ttl_s
 

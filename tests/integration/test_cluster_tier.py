@@ -22,7 +22,7 @@ from dynamo_flexkv.harness import EngineError, EngineHost
 from dynamo_flexkv.integration.dynamo.processes import free_port
 from dynamo_flexkv.storage.backend import open_backend
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
-from tests.servers import master_argv, mooncake_cluster, mooncake_master
+from tests.servers import mooncake_cluster, mooncake_master
 
 pytestmark = pytest.mark.engine
 

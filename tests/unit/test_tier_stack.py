@@ -31,8 +31,13 @@ def make_stack(*backends, timeout_s: float = 5.0) -> TierStack:
 
 @pytest.fixture
 def stacks():
-    made = []
-    yield lambda *b, **kw: made.append(make_stack(*b, **kw)) or made[-1]
+    made: list[TierStack] = []
+
+    def make(*backends, **kwargs) -> TierStack:
+        made.append(make_stack(*backends, **kwargs))
+        return made[-1]
+
+    yield make
     for stack in made:
         stack.close()
         (SHM_DIR / stack.facts.identity).unlink()
