@@ -198,9 +198,6 @@ class TierStack:
     def num_pending(self) -> int:
         return self.io.num_pending if self.io is not None else 0
 
-    def health(self) -> dict[str, tuple[bool, str | None]]:
-        return {b.name: (b.healthy, b.degraded_reason) for b in self.backends}
-
     def close(self) -> None:
         """Let in-flight writes land (bounded), so a restart finds them; close every backend."""
         if self.io is None:
