@@ -190,8 +190,7 @@ class TierStack:
         staged = [(rid, self.engine.complete_stage(rid, ok)) for rid, ok in self.io.finished_stages()]
         for spill_id, ok in self.io.finished_spills():
             self.engine.complete_spill(spill_id, ok)
-        for plan in self.engine.take_spills():
-            self.io.spill(plan)
+        self.io.spill(self.engine.take_spills())
         return staged
 
     @property

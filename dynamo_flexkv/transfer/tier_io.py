@@ -3,16 +3,17 @@
 Runs in the scheduler's process, which maps the same CPU pool as the workers. Each backend does its
 I/O on its own threads; this class only submits plans and hands back what finished, so the
 scheduler never blocks on a disk or a network. A staging may read from several tiers (one batch per
-tier) and is handed back once all its batches finished. Spills are handed back strictly in the
-order they were submitted *per destination tier* (the index announces a parent before its
-children in each tier); stagings in any order.
+tier) and is handed back once all its batches finished. The spills planned in one scheduler step
+go to each destination tier as one batch (one round trip to a remote store), and are handed back
+strictly in the order they were planned *per destination tier* (the index announces a parent
+before its children in each tier); stagings in any order.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, wait
 
 import torch
@@ -29,7 +30,8 @@ class LowerTiers:
         self.pool = pool
         # request id -> [(future, positions in plan.staged)], number of staged blocks
         self._stages: dict[str, tuple[list[tuple[Future, list[int]]], int]] = {}
-        self._spills: dict[str, deque[tuple[int, Future, int]]] = {name: deque() for name in self.backends}
+        # destination tier -> (spill id, its batch's future, the batch's size, this spill's blocks in it)
+        self._spills: dict[str, deque[tuple[int, Future, int, slice]]] = {name: deque() for name in self.backends}
 
     def stage(self, plan: LoadPlan) -> None:
         """Read the plan's lower-tier blocks into their CPU slots, one batch per source tier."""
@@ -45,11 +47,20 @@ class LowerTiers:
             jobs.append((future, positions))
         self._stages[plan.request_id] = (jobs, len(plan.staged))
 
-    def spill(self, plan: SpillPlan) -> None:
-        """Write the plan's CPU blocks into its destination tier."""
-        future = self._submit(plan.dst, "write", lambda backend: backend.write(
-            self.pool, plan.src_slots, plan.dst_slots, plan.keys), len(plan.keys))
-        self._spills[plan.dst].append((plan.spill_id, future, len(plan.keys)))
+    def spill(self, plans: Sequence[SpillPlan]) -> None:
+        """Write the plans' CPU blocks into their destination tiers: one batch per tier."""
+        by_tier: dict[str, list[SpillPlan]] = {}
+        for plan in plans:
+            by_tier.setdefault(plan.dst, []).append(plan)
+        for tier, batch in by_tier.items():
+            src = [slot for plan in batch for slot in plan.src_slots]
+            dst = [slot for plan in batch for slot in plan.dst_slots]
+            keys = [key for plan in batch for key in plan.keys]
+            future = self._submit(tier, "write", lambda backend: backend.write(self.pool, src, dst, keys), len(keys))
+            first = 0
+            for plan in batch:
+                self._spills[tier].append((plan.spill_id, future, len(keys), slice(first, first + len(plan.keys))))
+                first += len(plan.keys)
 
     def _submit(self, tier: str, verb: str, call: Callable[[TierBackend], Future], count: int) -> Future:
         try:
@@ -75,12 +86,13 @@ class LowerTiers:
         done = []
         for queue in self._spills.values():
             while queue and queue[0][1].done():
-                spill_id, future, count = queue.popleft()
-                done.append((spill_id, self._outcome(future, count, "spill", spill_id)))
+                spill_id, future, size, blocks = queue.popleft()
+                done.append((spill_id, self._outcome(future, size, "spill", spill_id)[blocks]))
         return done
 
     @staticmethod
     def _outcome(future: Future, count: int, kind: str, job: object) -> list[bool]:
+        """Per-block results of a finished batch of `count` blocks."""
         try:
             result: IoResult = future.result()
             ok = list(result.ok)
@@ -99,7 +111,7 @@ class LowerTiers:
     def wait(self, timeout_s: float) -> None:
         """Block until every submitted job finished, or the timeout passed (shutdown only)."""
         futures = [f for jobs, _ in self._stages.values() for f, _ in jobs]
-        futures += [f for queue in self._spills.values() for _, f, _ in queue]
+        futures += [f for queue in self._spills.values() for _, f, _, _ in queue]
         wait(futures, timeout=timeout_s)
 
     def close(self) -> None:

@@ -143,3 +143,15 @@ def test_shared_tier_refuses_per_process_random_block_hashes(monkeypatch):
     assert shared_tier_layout({"hash_algo": "sha256"}, "remote_store")["hash_seed"] == "vllm-default"
     monkeypatch.setenv("PYTHONHASHSEED", "7")
     assert shared_tier_layout({"hash_algo": "xxhash_cbor"}, "remote_store")["hash_seed"] == "7"
+
+
+def test_spills_planned_in_one_step_go_to_each_tier_as_one_batch(stacks):
+    cluster, writes = named("CLUSTER"), []
+    write = cluster.write
+    cluster.write = lambda pool, src, dst, keys: writes.append(list(keys)) or write(pool, src, dst, keys)
+    stack = stacks(cluster)
+    store(stack.engine, "a", chain("a", 2))
+    store(stack.engine, "b", chain("b", 3))
+    settle(stack)
+    assert writes == [chain("a", 2) + chain("b", 3)]
+    assert stack.engine.tiers[1].match(chain("a", 2)) == 2 and stack.engine.tiers[1].match(chain("b", 3)) == 3
