@@ -224,10 +224,47 @@ class FlexKVSettings(BaseModel):
     )
     remote_cache_gb: float = _gb_field(
         0.0,
-        "Capacity in GiB this instance uses in the remote store; 0 leaves the limit to the "
-        "store.",
+        "Memory in GiB this instance contributes to the remote store (Mooncake: its segment, "
+        "at least 16 MiB) and the size of its index view of the store; 0 contributes nothing "
+        "(Redis: memory is Redis's own maxmemory) and keeps a default view.",
         ge=0,
         allowed="a number >= 0 (GiB); > 0 needs remote_store",
+    )
+    remote_metadata_server: str = Field(
+        "P2PHANDSHAKE",
+        description="Mooncake only: where transfer engines publish their segments, e.g. the master's "
+        "embedded server (http://host:port/metadata). P2PHANDSHAKE needs no server.",
+        json_schema_extra={"x-allowed": "P2PHANDSHAKE or http://host:port/path"},
+    )
+    remote_protocol: Literal["tcp", "rdma"] = Field(
+        "tcp",
+        description="Mooncake only: the transfer protocol between this instance and the store.",
+    )
+    remote_device: str = Field(
+        "",
+        description="Mooncake only: RDMA device names (comma-separated) for protocol rdma; empty "
+        "lets Mooncake choose.",
+        json_schema_extra={"x-allowed": "empty, or device names such as mlx5_0,mlx5_1"},
+    )
+    remote_local_hostname: Optional[str] = Field(
+        None,
+        description="Mooncake only: the address other nodes reach this instance's segment at. "
+        "Unset: the local address of the route to the master.",
+        json_schema_extra={"x-allowed": "unset, or a host name or IP address", "x-default": "unset (auto)"},
+    )
+    remote_start_degraded: bool = Field(
+        False,
+        description="When the remote store cannot be reached at start-up: off fails with one error "
+        "line; on starts with the tier answering misses and retries in the background.",
+    )
+    remote_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        allow_inf_nan=False,
+        description="Longest a remote lookup may stay unanswered before it counts as a miss, and "
+        "the retry interval of a degraded remote tier.",
+        json_schema_extra={"x-allowed": "a number of seconds > 0 and <= 600"},
     )
 
     # ---------------------------------------------------------------------------------------------

@@ -41,14 +41,16 @@ class EngineError(RuntimeError):
 
 class EngineHost:
     """`child_setup` ("module:function") runs in the engine process before vLLM starts, e.g. to make
-    the engine behave as another vLLM version does (tests/vllm_versions.py)."""
+    the engine behave as another vLLM version does (tests/vllm_versions.py). `netns`: the name of a
+    network namespace (`ip netns add`) the engine runs in, as on its own node. An `env` value of None
+    unsets that variable in the engine's process."""
 
-    def __init__(self, model: str, engine_kwargs: dict[str, Any], env: dict[str, str] | None = None,
-                 start_timeout_s: float = 600, child_setup: str | None = None):
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], env: dict[str, str | None] | None = None,
+                 start_timeout_s: float = 600, netns: str | None = None, child_setup: str | None = None):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         env = {**DEFAULT_ENV, **(env or {})}
-        self.process = ctx.Process(target=_serve, args=(child, model, engine_kwargs, env, child_setup),
+        self.process = ctx.Process(target=_serve, args=(child, model, engine_kwargs, env, netns, child_setup),
                                    daemon=False)  # vLLM may spawn TP workers from it
         self.process.start()
         child.close()
@@ -114,9 +116,28 @@ class EngineHost:
 
 # --- child process -------------------------------------------------------------------------------
 
-def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str], child_setup: str | None) -> None:
-    os.environ.update(env)
+def _enter_netns(name: str) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
     try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
+
+
+def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str | None], netns: str | None,
+           child_setup: str | None) -> None:
+    for name, value in env.items():  # None: the variable is unset in the engine's process
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        if netns is not None:
+            _enter_netns(netns)
         if child_setup:
             module, function = child_setup.split(":")
             getattr(importlib.import_module(module), function)()
@@ -224,7 +245,7 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
         "loaded_tokens": side.loaded_tokens,
         "engine_stats": vars(side.engine.snapshot()),
     }
-    if side.lower_io is not None:
-        store = side.lower_io.store
-        state["ssd"] = {"healthy": store.healthy, "reason": store.degraded_reason, **vars(store.stats)}
+    for backend in side.tiers.backends:
+        tier = {"healthy": backend.healthy, "reason": backend.degraded_reason}
+        state[backend.name.lower()] = {**tier, **vars(backend.stats)}
     return state

@@ -2,13 +2,14 @@
 
 The verbs follow vLLM's ``v1/kv_offload`` manager: ``lookup`` -> ``prepare_load`` ->
 (``complete_stage``) -> ``complete_load``, ``prepare_store`` -> ``complete_store``, plus
-``prepare_spill`` -> ``complete_spill`` for the cascade into lower tiers, ``touch``, ``reset`` and
+``prepare_spill`` -> ``complete_spill`` for the cascade into lower tiers, ``admit`` for blocks
+found in a shared tier, ``touch``, ``reset`` and
 ``take_events``. A plan names the tiers and slots to move; the data plane executes it and the
 caller acknowledges it exactly once, which commits or rolls back what the plan reserved.
 
-Tiers are ordered fastest first. Stores land in the first (top) tier; lower tiers are filled by
-spills (write-through from the top tier) and read back by staging into the top tier, from which
-every load reaches the GPU. Not thread-safe: vLLM's scheduler is the one caller.
+Tiers are ordered fastest first. Stores land in the first (top) tier; every lower tier is filled
+by its own spills (write-through fanned out from the top tier, so no tier is read to fill another)
+and read back by staging into the top tier, from which every load reaches the GPU. Not thread-safe: vLLM's scheduler is the one caller.
 """
 
 from __future__ import annotations
@@ -303,24 +304,31 @@ class CacheEngine:
         self._stats.stored_blocks[tier.name] += len(plan.keys)
         if self._record_events:
             self._events.append(Stored(tier.name, plan.keys, pending.parents))
-        spill = self.prepare_spill(plan.keys, pending.parents)  # write-through into the next tier
-        if spill is not None:
-            self._new_spills.append(spill)
+        for lower in self._tiers[1:]:  # write-through, fanned out from the top tier to every lower one
+            spill = self.prepare_spill(plan.keys, pending.parents, lower.name)
+            if spill is not None:
+                self._new_spills.append(spill)
 
     # ---- cascade -------------------------------------------------------------------------
 
-    def prepare_spill(self, keys: Sequence[bytes], parents: Sequence[bytes | None]) -> SpillPlan | None:
-        """Plan the write-through of top-tier blocks into the next tier; None if nothing to do.
+    def prepare_spill(
+        self, keys: Sequence[bytes], parents: Sequence[bytes | None], dst_tier: str | None = None
+    ) -> SpillPlan | None:
+        """Plan the write-through of top-tier blocks into ``dst_tier`` (default: the second tier);
+        None if nothing to do.
 
-        Blocks the next tier already holds (in any state) are skipped; planning stops at a block
-        that is no longer READY above or whose parent the next tier will not hold, and at the
-        first block the next tier has no room for. Planned blocks are locked above (not evicted
-        while being read) and WRITING below. Complete spills in the order they were prepared, so
-        a parent is always announced before its children.
+        Blocks the destination already holds (in any state) are skipped; planning stops at a block
+        that is no longer READY above or whose parent the destination will not hold, and at the
+        first block it has no room for. Planned blocks are locked above (not evicted while being
+        read) and WRITING below. Complete the spills of one destination in the order they were
+        prepared, so a parent is always announced before its children in every tier.
         """
         if len(self._tiers) < 2:
             return None
-        src, dst = self._tiers[0], self._tiers[1]
+        src = self._tiers[0]
+        dst = self._tiers[1] if dst_tier is None else self._by_name[dst_tier]
+        if dst is src:
+            raise ValueError(f"cannot spill tier {src.name} into itself")
         new_keys: list[bytes] = []
         new_parents: list[bytes | None] = []
         for key, parent in zip(keys, parents, strict=True):
@@ -362,6 +370,18 @@ class CacheEngine:
             if self._record_events:
                 self._events.append(Stored(dst.name, plan.keys[:good], plan.parents[:good]))
         return good
+
+    def admit(self, tier: str, keys: Sequence[bytes], parents: Sequence[bytes | None]) -> int:
+        """Record blocks found in a shared tier (written by another instance) as READY there, so
+        they can be matched and staged. Keys already present are skipped; not announced (their
+        tokens are unknown here; they are announced when staged up). Returns how many were placed."""
+        index = self._by_name[tier]
+        new = [(key, parent) for key, parent in zip(keys, parents, strict=True) if not index.contains(key)]
+        if not new:
+            return 0
+        slots = self._allocate(index, [key for key, _ in new], [parent for _, parent in new])
+        index.commit([key for key, _ in new[: len(slots)]])
+        return len(slots)
 
     def restore(self, tier: str, blocks: Sequence[tuple[bytes, int, bytes | None]]) -> None:
         """Re-admit blocks a lower tier found on restart (not announced: their tokens are unknown

@@ -1,72 +1,122 @@
-"""Executes the cascade between the CPU pool and the SSD tier: staging reads and spill writes.
+"""Executes the cascade between the CPU pool and every lower tier: staging reads and spill writes.
 
-Runs in the scheduler's process, which maps the same CPU pool as the workers. The SSD store does
-the I/O on its own threads; this class only submits plans and hands back what finished, so the
-scheduler never blocks on a disk. Spills are handed back strictly in the order they were submitted
-(the index announces a parent before its children); stagings in any order.
+Runs in the scheduler's process, which maps the same CPU pool as the workers. Each backend does its
+I/O on its own threads; this class only submits plans and hands back what finished, so the
+scheduler never blocks on a disk or a network. A staging may read from several tiers (one batch per
+tier) and is handed back once all its batches finished. The spills planned in one scheduler step
+go to each destination tier as one batch (one round trip to a remote store), and are handed back
+strictly in the order they were planned *per destination tier* (the index announces a parent
+before its children in each tier); stagings in any order.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, wait
 
 import torch
 
 from dynamo_flexkv.index.plans import LoadPlan, SpillPlan
-from dynamo_flexkv.storage.ssd import SsdBlockStore
+from dynamo_flexkv.storage.backend import IoResult, TierBackend, failed_io
 
 logger = logging.getLogger(__name__)
 
 
-class LowerTierIO:
-    def __init__(self, store: SsdBlockStore, pool: torch.Tensor, seat_lock: int):
-        self.store = store
+class LowerTiers:
+    def __init__(self, backends: Mapping[str, TierBackend], pool: torch.Tensor):
+        self.backends = dict(backends)
         self.pool = pool
-        self._seat_lock = seat_lock  # keeps this instance's SSD files its own until close()
-        self._stages: dict[str, tuple[Future, int]] = {}
-        self._spills: deque[tuple[int, Future, int]] = deque()
+        # request id -> [(future, positions in plan.staged)], number of staged blocks
+        self._stages: dict[str, tuple[list[tuple[Future, list[int]]], int]] = {}
+        # destination tier -> (spill id, its batch's future, the batch's size, this spill's blocks in it)
+        self._spills: dict[str, deque[tuple[int, Future, int, slice]]] = {name: deque() for name in self.backends}
 
     def stage(self, plan: LoadPlan) -> None:
-        """Read the plan's lower-tier blocks into their CPU slots."""
-        keys = [plan.keys[s.index] for s in plan.staged]
-        future = self.store.read_blocks(self.pool, [s.slot for s in plan.staged], [plan.slots[s.index] for s in plan.staged], keys)
-        self._stages[plan.request_id] = (future, len(keys))
+        """Read the plan's lower-tier blocks into their CPU slots, one batch per source tier."""
+        by_tier: dict[str, list[int]] = {}
+        for position, staging in enumerate(plan.staged):
+            by_tier.setdefault(staging.tier, []).append(position)
+        jobs = []
+        for tier, positions in by_tier.items():
+            staged = [plan.staged[p] for p in positions]
+            keys = [plan.keys[s.index] for s in staged]
+            future = self._submit(tier, "read", lambda backend: backend.read(
+                self.pool, [s.slot for s in staged], [plan.slots[s.index] for s in staged], keys), len(keys))
+            jobs.append((future, positions))
+        self._stages[plan.request_id] = (jobs, len(plan.staged))
 
-    def spill(self, plan: SpillPlan) -> None:
-        """Write the plan's CPU blocks into their SSD slots."""
-        future = self.store.write_blocks(self.pool, plan.src_slots, plan.dst_slots, plan.keys)
-        self._spills.append((plan.spill_id, future, len(plan.keys)))
+    def spill(self, plans: Sequence[SpillPlan]) -> None:
+        """Write the plans' CPU blocks into their destination tiers: one batch per tier."""
+        by_tier: dict[str, list[SpillPlan]] = {}
+        for plan in plans:
+            by_tier.setdefault(plan.dst, []).append(plan)
+        for tier, batch in by_tier.items():
+            src = [slot for plan in batch for slot in plan.src_slots]
+            dst = [slot for plan in batch for slot in plan.dst_slots]
+            keys = [key for plan in batch for key in plan.keys]
+            future = self._submit(tier, "write", lambda backend: backend.write(self.pool, src, dst, keys), len(keys))
+            first = 0
+            for plan in batch:
+                self._spills[tier].append((plan.spill_id, future, len(keys), slice(first, first + len(plan.keys))))
+                first += len(plan.keys)
+
+    def _submit(self, tier: str, verb: str, call: Callable[[TierBackend], Future], count: int) -> Future:
+        try:
+            return call(self.backends[tier])
+        except Exception:  # a backend answers misses, never raises; if one does, it still is a miss
+            logger.exception("tier %s: %s of %d blocks could not be submitted", tier, verb, count)
+            return failed_io(count)
 
     def finished_stages(self) -> list[tuple[str, list[bool]]]:
-        done = [rid for rid, (future, _) in self._stages.items() if future.done()]
-        return [(rid, self._outcome(*self._stages.pop(rid), "stage", rid)) for rid in done]
+        """(request id, ok per staged block in plan order) of every staging whose reads all finished."""
+        done = [rid for rid, (jobs, _) in self._stages.items() if all(f.done() for f, _ in jobs)]
+        out = []
+        for rid in done:
+            jobs, count = self._stages.pop(rid)
+            ok = [False] * count
+            for future, positions in jobs:
+                for position, good in zip(positions, self._outcome(future, len(positions), "stage", rid)):
+                    ok[position] = good
+            out.append((rid, ok))
+        return out
 
     def finished_spills(self) -> list[tuple[int, list[bool]]]:
         done = []
-        while self._spills and self._spills[0][1].done():
-            spill_id, future, count = self._spills.popleft()
-            done.append((spill_id, self._outcome(future, count, "spill", spill_id)))
+        for queue in self._spills.values():
+            while queue and queue[0][1].done():
+                spill_id, future, size, blocks = queue.popleft()
+                done.append((spill_id, self._outcome(future, size, "spill", spill_id)[blocks]))
         return done
 
     @staticmethod
     def _outcome(future: Future, count: int, kind: str, job: object) -> list[bool]:
+        """Per-block results of a finished batch of `count` blocks."""
         try:
-            return list(future.result().ok)
-        except Exception:  # the store reports failures per block; anything else still degrades to a miss
-            logger.exception("ssd %s %s failed", kind, job)
+            result: IoResult = future.result()
+            ok = list(result.ok)
+        except Exception:  # the backend reports failures per block; anything else still degrades to a miss
+            logger.exception("lower tier %s %s failed", kind, job)
             return [False] * count
+        if len(ok) != count:
+            logger.error("lower tier %s %s: %d results for %d blocks, all treated as misses", kind, job, len(ok), count)
+            return [False] * count
+        return ok
 
     @property
     def num_pending(self) -> int:
-        return len(self._stages) + len(self._spills)
+        return len(self._stages) + sum(len(queue) for queue in self._spills.values())
 
     def wait(self, timeout_s: float) -> None:
         """Block until every submitted job finished, or the timeout passed (shutdown only)."""
-        wait([f for f, _ in self._stages.values()] + [f for _, f, _ in self._spills], timeout=timeout_s)
+        futures = [f for jobs, _ in self._stages.values() for f, _ in jobs]
+        futures += [f for queue in self._spills.values() for _, f, _, _ in queue]
+        wait(futures, timeout=timeout_s)
 
     def close(self) -> None:
-        self.store.close()
-        os.close(self._seat_lock)
+        for name, backend in self.backends.items():
+            try:
+                backend.close()
+            except Exception:
+                logger.exception("tier %s: close failed", name)

@@ -12,6 +12,7 @@ from dynamo_flexkv.integration.dynamo.kv_stream import check_stream, router_upda
 from dynamo_flexkv.integration.vllm.events import EventTranslator
 
 BLOCK = 32
+MEDIA = {"CPU": "CPU", "SSD": "STORAGE", "CLUSTER": None}  # tier -> medium, as the backends announce them
 
 
 def chain(n: int, salt: bytes = b"") -> list[bytes]:
@@ -40,7 +41,7 @@ def stored_cpu(translator: EventTranslator, keys: list[bytes]):
 
 def test_cpu_store_continues_the_gpu_chain_and_passes_the_rules():
     keys = chain(4)
-    translator = EventTranslator(BLOCK)
+    translator = EventTranslator(BLOCK, MEDIA)
     cpu = stored_cpu(translator, keys)
     assert [type(e) for e in cpu] == [BlockStored] and cpu[0].medium == "CPU"
     rules = check_stream([batch(gpu_event(keys)), batch(*cpu)], BLOCK)
@@ -49,7 +50,7 @@ def test_cpu_store_continues_the_gpu_chain_and_passes_the_rules():
 
 def test_partial_store_chains_onto_an_announced_parent():
     keys = chain(4)
-    translator = EventTranslator(BLOCK)
+    translator = EventTranslator(BLOCK, MEDIA)
     first = stored_cpu(translator, keys[:2])
     translator.remember(keys[2:], [tokens(2), tokens(3)])
     rest = translator.translate([Stored("CPU", tuple(keys[2:]), (keys[1], keys[2]))])
@@ -60,7 +61,7 @@ def test_partial_store_chains_onto_an_announced_parent():
 
 def test_removed_blocks_leave_only_their_tier():
     keys = chain(3)
-    translator = EventTranslator(BLOCK)
+    translator = EventTranslator(BLOCK, MEDIA)
     cpu = stored_cpu(translator, keys)
     removed = translator.translate([Removed("CPU", (keys[2],))])
     assert removed == [BlockRemoved(block_hashes=[maybe_convert_block_hash(keys[2])], medium="CPU")]
@@ -72,7 +73,7 @@ def test_removed_blocks_leave_only_their_tier():
 def test_a_tier_reset_removes_that_tiers_blocks_not_all_of_the_workers():
     """vLLM's AllBlocksCleared has no medium: the router would drop the worker's GPU blocks too."""
     keys = chain(3)
-    translator = EventTranslator(BLOCK)
+    translator = EventTranslator(BLOCK, MEDIA)
     cpu = stored_cpu(translator, keys)
     cleared = translator.translate([Cleared("CPU", tuple(keys[:2]))])  # keys[2] was in use and survived
     assert not any(isinstance(e, AllBlocksCleared) for e in cleared)

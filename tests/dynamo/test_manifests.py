@@ -17,7 +17,7 @@ from dynamo_flexkv.integration.dynamo.launcher import translate
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((REPO / "recipes" / "k8s").glob("*.yaml"))
-SCRIPTS = ["agg.sh", "agg_router.sh", "disagg.sh"]
+SCRIPTS = ["agg.sh", "agg_router.sh", "disagg.sh", "cluster_mooncake.sh"]
 
 
 def load(path: Path) -> dict:
@@ -78,18 +78,20 @@ def test_disagg_roles_match_the_worker_flags():
     assert prefill.uses_flexkv and prefill.uses_nixl
 
 
-def test_compose_runs_etcd_and_nats_jetstream_safely():
+def test_compose_runs_etcd_nats_jetstream_and_the_mooncake_store_safely():
     compose = load(REPO / "deploy" / "docker-compose.yml")
     services = compose["services"]
-    assert set(services) == {"etcd-server", "nats-server"}
+    assert set(services) == {"etcd-server", "nats-server", "mooncake-master", "mooncake-store"}
+    assert "mooncake_master" in services["mooncake-master"]["command"][-1]
+    assert "mooncake-master:50051" in services["mooncake-store"]["command"][-1]
     assert "-js" in services["nats-server"]["command"]
     for name, service in services.items():
         image = service["image"]
         assert re.search(r":v?\d+\.\d+\.\d+", image), f"{name}: image {image} is not pinned to a version"
         assert service["healthcheck"]["test"], name
-        for port in service["ports"]:
+        for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port} is published beyond loopback"
-        for volume in service["volumes"]:
+        for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
             assert source in compose["volumes"], f"{name}: {source} is not a named volume"
 

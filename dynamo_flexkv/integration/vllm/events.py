@@ -10,7 +10,7 @@ commit).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
@@ -19,12 +19,10 @@ from dynamo_flexkv.index.plans import Cleared, Removed, Stored, TierEvent
 
 logger = logging.getLogger(__name__)
 
-MEDIUM_OF_TIER = {"CPU": "CPU", "SSD": "STORAGE"}
-
-
 class EventTranslator:
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, media: Mapping[str, str | None]):
         self.block_size = block_size
+        self.media = dict(media)  # tier name -> KV-event medium (from its backend); None: not announced
         self._tokens: dict[bytes, Sequence[int]] = {}  # blocks stored, or being stored, somewhere
         self._tiers: dict[bytes, int] = {}  # how many tiers announced each block
 
@@ -40,7 +38,9 @@ class EventTranslator:
     def translate(self, events: Iterable[TierEvent]) -> list[KVCacheEvent]:
         out: list[KVCacheEvent] = []
         for event in events:
-            medium = MEDIUM_OF_TIER[event.tier]
+            medium = self.media[event.tier]
+            if medium is None:
+                continue
             if isinstance(event, Stored):
                 for key in event.keys:
                     self._tiers[key] = self._tiers.get(key, 0) + 1

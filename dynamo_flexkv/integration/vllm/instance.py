@@ -1,4 +1,5 @@
-"""Facts about this vLLM instance that both connector roles must agree on, derived from its config.
+"""Facts about this vLLM instance that both connector roles must agree on, derived from its config
+(`InstanceFacts`, defined with the tiers it sizes).
 
 The scheduler process and every worker compute these independently from the same (pickled)
 `VllmConfig`, so they need no handshake: the pool's name and geometry come out identical.
@@ -7,31 +8,21 @@ The scheduler process and every worker compute these independently from the same
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import PoolGeometry
-from dynamo_flexkv.storage.ssd import SsdBlockStore
-from dynamo_flexkv.storage.ssd_claim import claim_seat
-from dynamo_flexkv.transfer.tier_io import LowerTierIO
-
-
-@dataclass(frozen=True)
-class InstanceFacts:
-    identity: str  # names the shared-memory pool of this instance
-    block_size: int  # tokens per vLLM block
-    geometry: PoolGeometry
-    layout: dict[str, str | int]  # what a stored block's bytes depend on: guards the SSD files
+from dynamo_flexkv.tiers import InstanceFacts, require_shared_hashes
 
 
 def describe_instance(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, settings: FlexKVSettings
 ) -> InstanceFacts:
     parallel = vllm_config.parallel_config
+    if settings.remote_enabled:  # both roles check it, before vLLM allocates its KV cache
+        require_shared_hashes(str(vllm_config.cache_config.prefix_caching_hash_algo), "remote_store")
     if parallel.pipeline_parallel_size > 1:
         raise ValueError("dynamo-flexkv does not support pipeline parallelism yet (pipeline_parallel_size > 1)")
     groups = kv_cache_config.kv_cache_groups
@@ -60,17 +51,3 @@ def describe_instance(
         "hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),
     }
     return InstanceFacts(identity=identity, block_size=spec.block_size, geometry=geometry, layout=layout)
-
-
-def open_ssd_tier(facts: InstanceFacts, settings: FlexKVSettings) -> LowerTierIO:
-    """Map the CPU pool in this (scheduler) process and open the SSD files behind it."""
-    seat, seat_lock = claim_seat(settings.ssd_cache_dir[0], facts.layout)
-    store = SsdBlockStore(
-        list(settings.ssd_cache_dir),
-        settings.ssd_cache_bytes,
-        facts.geometry.slot_bytes,
-        {**facts.layout, "seat": seat},
-        io_threads=settings.ssd_io_threads,
-        queue_depth=settings.ssd_queue_depth,
-    )
-    return LowerTierIO(store, CpuBlockPool(facts.identity, facts.geometry).tensor, seat_lock)

@@ -5,13 +5,16 @@ Request flow (see docs/architecture.md):
    the index, locks the hit and answers "load asynchronously" — the scheduler is never blocked.
 2. `update_state_after_alloc` binds the hit to the GPU blocks vLLM allocated; the next
    `build_connector_meta` hands the copy to the workers.
-   Hits that only a lower tier (SSD) holds are first staged into CPU slots; their GPU copy is
-   handed out once the reads finished.
+   Hits that only a lower tier (SSD, cluster store) holds are first staged into CPU slots; their
+   GPU copy is handed out once the reads finished. While a shared tier is being asked whether the
+   blocks after a local hit exist, the answer is None ("ask again later").
 3. `request_finished` reserves pool slots for the request's full, computed blocks not yet cached
    and asks vLLM to keep the GPU blocks until the workers copied them (async save).
 4. `update_connector_output` commits (or rolls back) what the workers finished; only then do blocks
    become matchable and visible to the router as events. Committed blocks are written through to
-   the SSD tier in the background.
+   every lower tier in the background.
+Tier assembly, the cascade and shared-tier lookups live in `dynamo_flexkv.tiers.TierStack`; this
+class translates vLLM's requests and block ids to keys and slots.
 """
 
 from __future__ import annotations
@@ -26,19 +29,13 @@ from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.index.engine import CacheEngine
 from dynamo_flexkv.index.plans import LoadPlan, StorePlan
-from dynamo_flexkv.index.policies import make_policy
-from dynamo_flexkv.index.tier import TierIndex
 from dynamo_flexkv.integration.vllm.events import EventTranslator
-from dynamo_flexkv.integration.vllm.instance import InstanceFacts, open_ssd_tier
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
+from dynamo_flexkv.tiers import InstanceFacts, TierStack
 
 logger = logging.getLogger(__name__)
-
-CPU_TIER, SSD_TIER = "CPU", "SSD"
-SHUTDOWN_TIMEOUT_S = 30
 
 
 class SchedulerSide:
@@ -46,19 +43,9 @@ class SchedulerSide:
         self.identity = facts.identity
         self.block_size = facts.block_size
         self.layerwise = settings.layerwise_load
-        policy = settings.eviction_policy
-        num_slots = facts.geometry.num_slots
-        tiers = [TierIndex(CPU_TIER, num_slots, make_policy(policy, num_slots))]
-        self.lower_io = open_ssd_tier(facts, settings) if settings.ssd_enabled else None
-        if self.lower_io is not None:
-            ssd_slots = self.lower_io.store.num_slots
-            tiers.append(TierIndex(SSD_TIER, ssd_slots, make_policy(policy, ssd_slots)))
-        self.engine = CacheEngine(tiers, record_events=publish_events)
-        if self.lower_io is not None:
-            found = self.lower_io.store.recover()
-            self.engine.restore(SSD_TIER, [(key, slot, None) for key, slot in found])
-            logger.info("ssd tier: %d slots, %d blocks found from an earlier run", ssd_slots, len(found))
-        self.events = EventTranslator(facts.block_size) if publish_events else None
+        self.tiers = TierStack(facts, settings, record_events=publish_events)
+        self.engine = self.tiers.engine
+        self.events = EventTranslator(facts.block_size, self.tiers.media) if publish_events else None
         self.loaded_tokens = 0  # tokens whose load was scheduled, since start
         self._reported = self.engine.snapshot()
         # request id -> (first block index of the hit, its locked plan), awaiting allocation
@@ -70,20 +57,23 @@ class SchedulerSide:
         self._step = FlexKVStepMetadata()
         logger.info(
             "scheduler ready: identity=%s cpu_slots=%d block_size=%d policy=%s tiers=%s",
-            facts.identity, num_slots, facts.block_size, policy, [t.name for t in tiers],
+            facts.identity, facts.geometry.num_slots, facts.block_size, settings.eviction_policy, self.tiers.names,
         )
 
     # --- loads ---------------------------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         request_id = request.request_id
         first = num_computed_tokens // self.block_size
         keys = request.block_hashes[first:]
-        hits = self.engine.lookup(keys) if keys else 0
+        first_parent = request.block_hashes[first - 1] if first else None
+        hits = self.tiers.lookup(request_id, keys, first_parent)
+        if hits is None:  # a shared tier is being asked: vLLM asks again in a later step
+            self._release_match(request_id)
+            return None, False
         if hits == 0:
             self._release_match(request_id)
             return 0, False
-        first_parent = request.block_hashes[first - 1] if first else None
         plan = self.engine.prepare_load(request_id, keys[:hits], first_parent)  # replaces an earlier match
         if plan is not None and self.layerwise and not plan.staged:
             # Computed in this very step: leave vLLM at least one prompt token to compute.
@@ -116,7 +106,7 @@ class SchedulerSide:
         self.loaded_tokens += count * self.block_size
         if plan.staged:
             self._loading[request_id] = plan
-            self.lower_io.stage(plan)
+            self.tiers.stage(plan)
             self._staging[request_id] = block_ids
         elif self.layerwise:
             self._loading_layerwise[request_id] = plan
@@ -135,6 +125,7 @@ class SchedulerSide:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         request_id = request.request_id
         self._release_match(request_id)
+        self.tiers.forget(request_id)
         if request_id in self._loading:
             return False, None  # its blocks are still being filled; vLLM frees them after the load
         full = min(len(request.block_hashes), request.num_computed_tokens // self.block_size, len(block_ids))
@@ -161,26 +152,19 @@ class SchedulerSide:
     # --- per step --------------------------------------------------------------------------------
 
     def build_connector_meta(self) -> FlexKVStepMetadata:
-        if self.lower_io is not None:
-            self._advance_lower_tier()
+        self._advance_lower_tiers()
         step, self._step = self._step, FlexKVStepMetadata()
         return step
 
-    def _advance_lower_tier(self) -> None:
-        """Hand out the GPU copies of finished stagings; commit finished spills; start new ones."""
-        io = self.lower_io
-        for request_id, ok in io.finished_stages():
-            usable = self.engine.complete_stage(request_id, ok)
+    def _advance_lower_tiers(self) -> None:
+        """Hand out the GPU copies of finished stagings; the stack commits spills and starts new ones."""
+        for request_id, usable in self.tiers.advance():
             plan, block_ids = self._loading[request_id], self._staging.pop(request_id)
             if usable < len(plan.keys):
-                logger.warning("ssd staging failed at block %d of %d, recomputing the rest: request=%s",
+                logger.warning("staging failed at block %d of %d, recomputing the rest: request=%s",
                                usable, len(plan.keys), request_id)
             self._step.loads.append(BlockTransfer(request_id, block_ids[:usable], plan.slots[:usable],
                                                   unavailable=block_ids[usable:]))
-        for spill_id, ok in io.finished_spills():
-            self.engine.complete_spill(spill_id, ok)
-        for plan in self.engine.take_spills():
-            io.spill(plan)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         report = output.kv_connector_worker_meta
@@ -200,8 +184,7 @@ class SchedulerSide:
                     if self.events is not None:
                         self.events.forget(plan.keys)
                     logger.warning("save failed, slots released: request=%s", request_id)
-        if self.lower_io is not None:
-            self._advance_lower_tier()  # start the write-through at once: it holds CPU blocks
+        self._advance_lower_tiers()  # start the write-through at once: it holds CPU blocks
 
     def _complete_load(self, plan: LoadPlan | None, report: FlexKVWorkerReport) -> None:
         if plan is None:
@@ -241,17 +224,12 @@ class SchedulerSide:
 
     @property
     def has_lower_tier_work(self) -> bool:
-        return self.lower_io is not None and self.lower_io.num_pending > 0
+        return self.tiers.num_pending > 0
 
     @property
     def num_inflight(self) -> int:
-        lower = self.lower_io.num_pending if self.lower_io is not None else 0
-        return len(self._loading) + len(self._loading_layerwise) + len(self._saving) + lower
+        return len(self._loading) + len(self._loading_layerwise) + len(self._saving) + self.tiers.num_pending
 
     def shutdown(self) -> None:
-        """Let in-flight SSD writes land (bounded), so a restart finds them."""
-        if self.lower_io is None:
-            return
-        self.lower_io.wait(SHUTDOWN_TIMEOUT_S)
-        self._advance_lower_tier()
-        self.lower_io.close()
+        """Let in-flight lower-tier writes land (bounded), so a restart finds them."""
+        self.tiers.close()

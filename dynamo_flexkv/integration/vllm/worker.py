@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dynamo_flexkv.integration.vllm.instance import InstanceFacts
+from dynamo_flexkv.tiers import InstanceFacts
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
 from dynamo_flexkv.storage.cpu_pool import CpuBlockPool

@@ -1,0 +1,109 @@
+"""The tier-backend seam: what a lower tier (SSD, a cluster store, ...) does, and how one is chosen.
+
+Bytes always move between a lower tier and the CPU pool (a `[num_slots, slot_bytes]` uint8 tensor
+every process of the instance maps); the GPU is reached only through the pool. The index
+(`index/`) decides which blocks go where and names an *address* for each block in each tier: a slot
+number the tier's `TierIndex` hands out within `num_slots`. A slot-addressed tier (SSD) stores the
+block at that address; a key-addressed tier (a cluster store) may ignore it and use the key.
+
+The failure contract every backend keeps, checked by `tests/unit/test_tier_contract.py`:
+- `write`/`read` return at once with a Future that always completes, within a bounded time, with an
+  `IoResult`; a failed block is `ok=False` (a miss), never an exception;
+- `read` verifies what it read (key and checksum): a corrupt or foreign value is `ok=False`, and the
+  pool slot of a failed block holds garbage;
+- a backend that cannot reach its medium degrades (`healthy=False`, `degraded_reason` set) and keeps
+  answering misses; `close()` is idempotent.
+
+Backends are opened by scheme through `open_backend`; adding a tier is one module plus one line in
+`BACKENDS` (see docs/architecture.md, "Adding a tier").
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+# scheme -> "module:Class"; imported only when a setting names the scheme
+BACKENDS = {
+    "ssd": "dynamo_flexkv.storage.ssd_tier:SsdTier",
+    "redis": "dynamo_flexkv.storage.remote.redis:RedisTier",
+    "mooncake": "dynamo_flexkv.storage.remote.mooncake:MooncakeTier",
+}
+
+
+@dataclass
+class IoResult:
+    ok: list[bool]  # per block, in the order asked; a failed block is a miss
+    bytes: int  # bytes moved by the blocks that succeeded
+
+
+@runtime_checkable
+class TierBackend(Protocol):
+    name: str  # the index tier's name ("SSD", "MOONCAKE", ...): unique in an instance
+    medium: str | None  # KV-event medium announced to the router; None: not announced
+    shared: bool  # other instances write it too: existence must be asked (`lookup`)
+    num_slots: int  # addresses the tier's index may hand out (a capacity or, if shared, a view size)
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def degraded_reason(self) -> str | None: ...
+
+    @property
+    def stats(self) -> Any:
+        """A dataclass of counters (blocks and bytes moved, failures), shown by diagnostics."""
+
+    def write(self, pool: torch.Tensor, pool_slots: Sequence[int], addrs: Sequence[int],
+              keys: Sequence[bytes]) -> Future[IoResult]:
+        """CPU pool rows -> the tier. A block is readable only after its future reports it ok."""
+
+    def read(self, pool: torch.Tensor, addrs: Sequence[int], pool_slots: Sequence[int],
+             keys: Sequence[bytes]) -> Future[IoResult]:
+        """The tier -> CPU pool rows, verified."""
+
+    def lookup(self, keys: Sequence[bytes]) -> Future[list[bool]]:
+        """Which keys the tier holds now (shared tiers; never raises, a failure answers False)."""
+
+    def recover(self) -> list[tuple[bytes, int, bytes | None]]:
+        """(key, address, parent or None) of blocks kept from an earlier run, oldest first."""
+
+    def invalidate(self, addrs: Sequence[int]) -> None:
+        """Forget the blocks at these addresses (the index freed them)."""
+
+    def close(self) -> None:
+        """Let in-flight work finish (bounded), release everything. Idempotent."""
+
+
+def completed(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def failed_io(count: int) -> Future[IoResult]:
+    """A finished Future where every block missed."""
+    return completed(IoResult([False] * count, 0))
+
+
+def backend_scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else url.lower()
+
+
+def open_backend(scheme: str, layout: Mapping[str, Any], slot_bytes: int, settings: Any) -> TierBackend:
+    """Open the backend registered for ``scheme`` with the instance's layout (what a stored block's
+    bytes depend on: model, KV dtype, block size, TP...), its CPU-pool slot size and the settings
+    (`FlexKVSettings`). Raises a one-line error when the tier cannot start."""
+    try:
+        target = BACKENDS[scheme]
+    except KeyError:
+        raise ValueError(f"no tier backend for scheme {scheme!r}; known: {sorted(BACKENDS)}") from None
+    module_name, class_name = target.split(":")
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    return backend_class.open(layout, slot_bytes, settings)

@@ -1,0 +1,120 @@
+"""What every keyed, shared tier needs: value framing with a checksum, key namespacing, health.
+
+A value is a fixed-size header followed by the block's bytes (one CPU-pool slot). The header names
+the layout namespace and the block key and carries the xxh3-64 of the bytes, so a read verifies
+that the value is this block of this model/layout and that its bytes are intact: anything else is
+a miss. Object names are `flexkv/<namespace>/<key hex>`; the namespace hashes the instance's layout
+(model, KV dtype, block size, layers, TP size, block-hash algorithm and seed), so two models or
+layouts never collide in one store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+logger = logging.getLogger(__name__)
+
+HEADER_BYTES = 128
+MAX_KEY_BYTES = 64
+DEFAULT_VIEW_BLOCKS = 1 << 16  # index entries for a store whose capacity is left to the store
+_MAGIC = b"FLEXKV\x01\x00"
+_FIXED = struct.Struct("<8s8sQQH")  # magic, namespace digest, checksum, data length, key length
+
+
+def namespace_of(layout: Mapping[str, Any]) -> str:
+    return xxhash.xxh3_64_hexdigest(json.dumps(dict(layout), sort_keys=True, default=str).encode())
+
+
+def view_blocks(capacity_bytes: int, slot_bytes: int) -> int:
+    """Addresses of this instance's index view of a store: its quota in blocks, or a default."""
+    return max(1, capacity_bytes // slot_bytes) if capacity_bytes > 0 else DEFAULT_VIEW_BLOCKS
+
+
+@dataclass
+class RemoteStats:
+    blocks_written: int = 0
+    blocks_read: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    write_failed_blocks: int = 0
+    read_failed_blocks: int = 0  # misses, evicted or foreign values, errors
+    corrupt_blocks: int = 0  # header or checksum did not match
+    lookups: int = 0
+    errors: int = 0  # failed calls to the store
+
+
+class Framing:
+    def __init__(self, layout: Mapping[str, Any], slot_bytes: int):
+        self.namespace = namespace_of(layout)
+        self._digest = bytes.fromhex(self.namespace)
+        self.slot_bytes = slot_bytes
+        self.value_bytes = HEADER_BYTES + slot_bytes
+
+    def name(self, key: bytes) -> str:
+        return f"flexkv/{self.namespace}/{bytes(key).hex()}"
+
+    def header(self, key: bytes, data: np.ndarray) -> bytes:
+        key = bytes(key)
+        if len(key) > MAX_KEY_BYTES:
+            raise ValueError(f"block keys are limited to {MAX_KEY_BYTES} bytes")
+        fixed = _FIXED.pack(_MAGIC, self._digest, xxhash.xxh3_64_intdigest(data), len(data), len(key))
+        return (fixed + key).ljust(HEADER_BYTES, b"\0")
+
+    def verify(self, header: bytes | memoryview | np.ndarray, key: bytes, data: np.ndarray) -> bool:
+        """The header names this namespace and key, and `data` hashes to its checksum."""
+        header = bytes(header[:HEADER_BYTES])
+        if len(header) < HEADER_BYTES:
+            return False
+        magic, digest, checksum, length, key_len = _FIXED.unpack_from(header)
+        key = bytes(key)
+        return (magic == _MAGIC and digest == self._digest and length == len(data) == self.slot_bytes
+                and header[_FIXED.size:_FIXED.size + key_len] == key and key_len == len(key)
+                and xxhash.xxh3_64_intdigest(data) == checksum)
+
+
+class Health:
+    """Degrade on a failed call, fail fast while degraded, let one call through every `retry_s`."""
+
+    def __init__(self, name: str, retry_s: float):
+        self.name = name
+        self.retry_s = retry_s
+        self.healthy = True
+        self.reason: str | None = None
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+
+    def may_try(self) -> bool:
+        with self._lock:
+            if self.healthy:
+                return True
+            now = time.monotonic()
+            if now < self._next_try:
+                return False
+            self._next_try = now + self.retry_s  # this caller probes; the others keep failing fast
+            return True
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            news = self.healthy
+            self.healthy, self.reason = False, reason
+            self._next_try = time.monotonic() + self.retry_s
+        if news:
+            logger.error("tier %s: degraded, answering misses, retrying every %.1fs: %s",
+                         self.name, self.retry_s, reason)
+
+    def succeeded(self) -> None:
+        with self._lock:
+            news = not self.healthy
+            self.healthy, self.reason = True, None
+        if news:
+            logger.warning("tier %s: recovered", self.name)

@@ -1,0 +1,166 @@
+"""The cluster tier on a real Mooncake Store, inside real vLLM engines on separate "nodes".
+
+Each engine runs in its own network namespace (its own loopback and address), joined to a store
+namespace holding the Mooncake master, its metadata server and a store node that contributes the
+memory. Engine A computes prompts and exits; engine B, which never saw them, loads their KV from the
+store and must produce the tokens of an engine without the connector. Faults: the master dies (the
+tier degrades to recompute, no request hangs, no wrong token) and comes back (sharing resumes); a cut
+network link is the same as a lost master; a full store declines puts. At start-up: an engine whose
+block hashes cannot match another's refuses the tier, and an unreachable store is one error line.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+
+import pytest
+
+from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.harness import EngineError, EngineHost
+from dynamo_flexkv.integration.dynamo.processes import free_port
+from dynamo_flexkv.storage.backend import open_backend
+from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
+from tests.servers import mooncake_cluster, mooncake_master
+
+pytestmark = pytest.mark.engine
+
+BLOCK_BYTES = 2 * 2 * BLOCK * 128 * 2
+CPU_GB = str(12 * BLOCK_BYTES / 2**30)  # 12 blocks: prompts soon leave the CPU tier
+PROMPT_BLOCKS = 4
+DEADLINE_S = 180
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with mooncake_cluster(tmp_path_factory.mktemp("cluster"), nodes=2) as running:
+        yield running
+
+
+def node_engine(tiny_model: str, cluster, node: int) -> EngineHost:
+    network, _, store = cluster
+    env = {"FLEXKV_CPU_CACHE_GB": CPU_GB, "FLEXKV_REMOTE_TIMEOUT_S": "2", **store,
+           "MC_TCP_BIND_ADDRESS": network.address(node), "MC_LOG_LEVEL": "ERROR"}
+    return EngineHost(tiny_model, {**ENGINE, "kv_transfer_config": COMPAT_CONFIG}, env=env,
+                      netns=network.nodes[node])
+
+
+def make_prompts(seed: int, n: int = 4) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [random_prompt(rng, PROMPT_BLOCKS * BLOCK + 7) for _ in range(n)]
+
+
+def tokens(completions) -> list[list[int]]:
+    return [c.token_ids for c in completions]
+
+
+def test_a_prefix_computed_on_one_node_is_loaded_on_another(tiny_model, cluster, reference):
+    prompts = make_prompts(11)
+    expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
+    with node_engine(tiny_model, cluster, 0) as a:
+        computed = a.generate(prompts, max_tokens=8, one_at_a_time=True)
+        wrote = a.flexkv_state()["mooncake"]
+    with node_engine(tiny_model, cluster, 1) as b:
+        loaded = b.generate(prompts, max_tokens=8, one_at_a_time=True)
+        state = b.flexkv_state()
+    assert tokens(computed) == expected and tokens(loaded) == expected
+    assert wrote["blocks_written"] == PROMPT_BLOCKS * len(prompts) and wrote["healthy"], wrote
+    assert [c.flexkv_tokens for c in loaded] == [PROMPT_BLOCKS * BLOCK] * len(prompts), state
+    assert state["engine_stats"]["hit_blocks"]["MOONCAKE"] == PROMPT_BLOCKS * len(prompts), state
+    assert state["mooncake"]["corrupt_blocks"] == 0
+
+
+def test_master_loss_degrades_to_recompute_and_its_return_resumes_sharing(tiny_model, cluster, reference):
+    network, services, _ = cluster
+    before, during, after = make_prompts(21), make_prompts(22), make_prompts(23)
+    expected = {id(p): tokens(reference.generate(p, max_tokens=8, one_at_a_time=True)) for p in (before, during, after)}
+    master = services["mooncake-master"]
+    with node_engine(tiny_model, cluster, 0) as host:
+        assert tokens(host.generate(before, max_tokens=8, one_at_a_time=True)) == expected[id(before)]
+        master.stop(grace_s=0)  # SIGTERM then SIGKILL: every object in the store is gone
+        push_out_of_gpu_cache(host, random.Random(1))
+        start = time.monotonic()
+        assert tokens(host.generate(before, max_tokens=8, one_at_a_time=True)) == expected[id(before)]
+        assert tokens(host.generate(during, max_tokens=8, one_at_a_time=True)) == expected[id(during)]
+        degraded = host.flexkv_state()
+        assert time.monotonic() - start < DEADLINE_S
+        assert degraded["mooncake"]["healthy"] is False and degraded["mooncake"]["reason"], degraded
+
+        written = degraded["mooncake"]["blocks_written"]
+        master.start()  # same address and port: this engine reconnects, the store node remounts its memory
+        deadline = time.monotonic() + DEADLINE_S
+        rng = random.Random(2)
+        while not ((tier := host.flexkv_state()["mooncake"])["healthy"] and tier["blocks_written"] > written):
+            assert time.monotonic() < deadline, f"the tier did not recover after the master came back: {tier}"
+            host.generate([random_prompt(rng, PROMPT_BLOCKS * BLOCK)], max_tokens=1)  # probes the master
+        hits_before = host.flexkv_state()["engine_stats"]["hit_blocks"]["MOONCAKE"]
+        assert tokens(host.generate(after, max_tokens=8, one_at_a_time=True)) == expected[id(after)]
+        push_out_of_gpu_cache(host, random.Random(3))
+        again = host.generate(after, max_tokens=8, one_at_a_time=True)
+        state = host.flexkv_state()
+    assert tokens(again) == expected[id(after)]
+    assert state["engine_stats"]["hit_blocks"]["MOONCAKE"] - hits_before >= PROMPT_BLOCKS, state
+
+
+def test_a_full_store_declines_puts_and_keeps_serving(tmp_path):
+    import torch
+
+    slot, segment_mb = 256 * 1024, 16
+    with mooncake_master(tmp_path) as (_, url):
+        settings = FlexKVSettings(remote_store=url, remote_cache_gb=segment_mb / 1024, remote_timeout_s=2)
+        tier = open_backend("mooncake", {"model": "full-store-test"}, slot, settings)
+        pool = torch.randint(0, 256, (8, slot), dtype=torch.uint8)
+        try:
+            results = []
+            for batch in range(3 * segment_mb * (1 << 20) // slot // 8):  # three times what fits
+                keys = [f"{batch}-{i}".encode() for i in range(8)]
+                results.append((keys, tier.write(pool, range(8), range(8), keys).result(timeout=60).ok))
+            declined = sum(not ok for _, ok in results for ok in ok)
+            assert declined > 0 and tier.healthy, tier.degraded_reason
+            keys, ok = next((k, ok) for k, ok in reversed(results) if all(ok))
+            read = tier.read(pool, range(8), range(8), keys).result(timeout=60)
+            assert read.ok == [True] * 8
+        finally:
+            tier.close()
+
+
+def test_a_cut_network_is_the_same_as_a_lost_master(tiny_model, cluster, reference):
+    network, _, _ = cluster
+    prompts = make_prompts(31)
+    expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
+    with node_engine(tiny_model, cluster, 1) as host:
+        assert tokens(host.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+        push_out_of_gpu_cache(host, random.Random(4))
+        network.cut(1)
+        try:
+            start = time.monotonic()
+            assert tokens(host.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+            state = host.flexkv_state()
+            assert time.monotonic() - start < DEADLINE_S
+        finally:
+            network.mend(1)
+    assert state["mooncake"]["healthy"] is False, state
+
+
+def start_failure(tiny_model: str, env: dict[str, str | None], **engine) -> str:
+    with pytest.raises(EngineError) as failure:
+        EngineHost(tiny_model, {**ENGINE, **engine, "kv_transfer_config": COMPAT_CONFIG}, env=env).close()
+    return str(failure.value)
+
+
+def test_an_engine_with_per_process_random_block_hashes_refuses_the_cluster_tier(tiny_model):
+    trace = start_failure(tiny_model, {"FLEXKV_REMOTE_STORE": "redis://127.0.0.1:6379/0", "PYTHONHASHSEED": None},
+                          prefix_caching_hash_algo="xxhash")
+    assert "remote_store shares KV blocks between processes" in trace and "PYTHONHASHSEED" in trace
+    assert "initialize_kv_cache" not in re.findall(r", in (\w+)\n", trace)  # before vLLM allocated its cache
+
+
+def test_an_engine_whose_store_is_unreachable_fails_at_start_up_in_one_line(tiny_model):
+    url = f"mooncake://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    trace = start_failure(tiny_model, {"FLEXKV_REMOTE_STORE": url, "FLEXKV_REMOTE_TIMEOUT_S": "2"})
+    lines = [line for line in trace.splitlines() if line.startswith("ConnectionError")]
+    assert lines == [f"ConnectionError: remote_store {url}: Mooncake master unreachable ([Errno 111] Connection "
+                     "refused); start the master, fix the URL, or set remote_start_degraded to start without it"]
+    assert time.monotonic() - start < DEADLINE_S

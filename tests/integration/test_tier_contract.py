@@ -1,0 +1,210 @@
+"""The `TierBackend` contract, run against every backend: the in-memory example, SSD on a tmpdir,
+and the cluster stores against real servers this module starts on loopback.
+
+A new tier passes this suite by adding one parameter: a function that opens the backend and says
+how to corrupt one stored value and how to take its medium away. Completion is observed through
+futures with timeouts, so a hang fails the test instead of blocking it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+import torch
+
+from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.integration.dynamo.processes import Deployment, free_port
+from dynamo_flexkv.storage.backend import BACKENDS, IoResult, TierBackend, open_backend
+from tests.example_tier import MemoryTier
+from tests.servers import mooncake_master
+
+SLOT = 64 * 1024
+POOL_SLOTS = 16
+TIMEOUT = 30
+LAYOUT = {"model": "tiny-llama", "kv_dtype": "bfloat16", "block_size": 16, "layers": 2,
+          "shard_bytes": SLOT, "tp_size": 1, "hash_algo": "sha256"}
+
+
+@dataclass
+class Tier:
+    backend: TierBackend
+    corrupt: Callable[[bytes, int], None]  # (key, address) -> damage the stored value in place
+    take_medium_away: Callable[[], None]  # the disk / server disappears
+
+
+def open_memory(tmp_path) -> Iterator[Tier]:
+    tier = MemoryTier(num_slots=POOL_SLOTS)
+
+    def corrupt(key: bytes, addr: int) -> None:
+        value = tier.values[key]
+        tier.values[key] = value[:-1] + bytes([value[-1] ^ 0xFF])
+
+    yield Tier(tier, corrupt, lambda: setattr(tier, "broken", True))
+
+
+def open_ssd(tmp_path) -> Iterator[Tier]:
+    disk = tmp_path / "nvme0"
+    disk.mkdir()
+    settings = FlexKVSettings(ssd_cache_gb=POOL_SLOTS * SLOT / (1 << 30), ssd_cache_dir=str(disk))
+    tier = open_backend("ssd", LAYOUT, SLOT, settings)
+
+    def corrupt(key: bytes, addr: int) -> None:
+        f, local = tier.store._locate(addr)
+        fd = os.open(f.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\xff" * 4096, f.data_off + local * SLOT)
+        finally:
+            os.close(fd)
+
+    yield Tier(tier, corrupt, lambda: shutil.rmtree(disk))
+
+
+def open_redis(tmp_path) -> Iterator[Tier]:
+    port = free_port()
+    with Deployment(tmp_path) as services:
+        server = services.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                                          "--save", "", "--appendonly", "no"])
+        client = redis.Redis(port=port)
+        services.wait_for(client.ping, 10, "redis-server answering")
+        settings = FlexKVSettings(remote_store=f"redis://127.0.0.1:{port}/0", remote_timeout_s=2)
+        tier = open_backend("redis", LAYOUT, SLOT, settings)
+
+        def corrupt(key: bytes, addr: int) -> None:
+            name = tier._framing.name(key)
+            value = client.get(name)
+            client.set(name, value[:-1] + bytes([value[-1] ^ 0xFF]))
+
+        yield Tier(tier, corrupt, lambda: server.stop(grace_s=5))
+
+
+def open_mooncake(tmp_path) -> Iterator[Tier]:
+    with mooncake_master(tmp_path) as (services, url):
+        settings = FlexKVSettings(remote_store=url, remote_cache_gb=64 / 1024, remote_timeout_s=2)
+        tier = open_backend("mooncake", LAYOUT, SLOT, settings)
+
+        def corrupt(key: bytes, addr: int) -> None:
+            store, name = tier._store, tier._framing.name(key)
+            value = store.get(name)
+            assert store.remove(name, True) == 0
+            assert store.put(name, value[:-1] + bytes([value[-1] ^ 0xFF])) == 0
+
+        yield Tier(tier, corrupt, lambda: services["mooncake-master"].stop(grace_s=5))
+
+
+OPENERS = {"memory": open_memory, "ssd": open_ssd, "redis": open_redis, "mooncake": open_mooncake}
+
+
+@pytest.fixture(params=sorted(OPENERS))
+def tier(request, tmp_path) -> Iterator[Tier]:
+    opened = OPENERS[request.param](tmp_path)
+    t = next(opened)
+    yield t
+    t.backend.close()
+    next(opened, None)
+
+
+@pytest.fixture
+def pool() -> Iterator[torch.Tensor]:
+    path = f"/dev/shm/flexkv-test-contract-{uuid.uuid4().hex}"
+    tensor = torch.from_file(path, shared=True, size=POOL_SLOTS * SLOT, dtype=torch.uint8).view(POOL_SLOTS, SLOT)
+    tensor.copy_(torch.randint(0, 256, (POOL_SLOTS, SLOT), dtype=torch.uint8))
+    yield tensor
+    os.unlink(path)
+
+
+def keys(n: int, salt: str = "") -> list[bytes]:
+    return [uuid.uuid5(uuid.NAMESPACE_OID, f"{salt}{i}").bytes * 2 for i in range(n)]
+
+
+def done(future) -> IoResult:
+    return future.result(timeout=TIMEOUT)
+
+
+def test_every_backend_is_registered_or_the_example():
+    assert set(OPENERS) - {"memory"} <= set(BACKENDS)
+
+
+def test_blocks_round_trip_between_pool_slots(tier, pool):
+    b, ks = tier.backend, keys(4)
+    assert isinstance(b, TierBackend) and b.healthy and b.degraded_reason is None
+    written = done(b.write(pool, [0, 1, 2, 3], [0, 1, 2, 3], ks))
+    assert written.ok == [True] * 4 and written.bytes == 4 * SLOT
+    read = done(b.read(pool, [2, 0], [10, 11], [ks[2], ks[0]]))
+    assert read.ok == [True, True] and read.bytes == 2 * SLOT
+    assert torch.equal(pool[10], pool[2]) and torch.equal(pool[11], pool[0])
+
+
+def test_results_are_per_block_in_the_order_asked(tier, pool):
+    b, ks = tier.backend, keys(3)
+    assert done(b.write(pool, [0, 2], [0, 2], [ks[0], ks[2]])).ok == [True, True]
+    read = done(b.read(pool, [0, 1, 2], [8, 9, 10], ks))
+    assert read.ok == [True, False, True]
+    assert torch.equal(pool[8], pool[0]) and torch.equal(pool[10], pool[2])
+    assert done(b.write(pool, [], [], [])).ok == [] and done(b.read(pool, [], [], [])).ok == []
+
+
+def test_a_block_is_found_only_under_its_own_key(tier, pool):
+    b, ks = tier.backend, keys(2)
+    done(b.write(pool, [0], [0], [ks[0]]))
+    assert done(b.read(pool, [0], [9], [ks[1]])).ok == [False]  # same address, foreign key
+
+
+def test_lookup_answers_what_the_tier_holds(tier, pool):
+    b, ks = tier.backend, keys(3)
+    done(b.write(pool, [0, 1], [0, 1], ks[:2]))
+    assert b.lookup(ks).result(timeout=TIMEOUT) == [True, True, False]
+
+
+def test_a_corrupt_value_is_a_miss(tier, pool):
+    b, ks = tier.backend, keys(2)
+    done(b.write(pool, [0, 1], [0, 1], ks))
+    tier.corrupt(ks[1], 1)
+    assert done(b.read(pool, [0, 1], [8, 9], ks)).ok == [True, False]
+
+
+def test_losing_the_medium_degrades_to_misses_without_raising(tier, pool):
+    b, ks = tier.backend, keys(2, "gone")
+    done(b.write(pool, [0], [0], ks[:1]))
+    tier.take_medium_away()
+    assert done(b.read(pool, [0], [8], ks[:1])).ok == [False]
+    assert done(b.write(pool, [1], [1], ks[1:])).ok == [False]
+    assert b.lookup(ks).result(timeout=TIMEOUT) == [False, False]
+    assert not b.healthy and b.degraded_reason
+
+
+def test_close_is_idempotent_and_later_io_misses(tier, pool):
+    b, ks = tier.backend, keys(1)
+    b.close()
+    b.close()
+    assert done(b.write(pool, [0], [0], ks)).ok == [False]
+    assert done(b.read(pool, [0], [8], ks)).ok == [False]
+
+
+def test_recover_lists_key_address_parent_triples(tier):
+    found = tier.backend.recover()
+    assert all(isinstance(k, bytes) and isinstance(a, int) and (p is None or isinstance(p, bytes))
+               for k, a, p in found)
+
+
+UNREACHABLE = {"redis": "redis://127.0.0.1:{port}/0", "mooncake": "mooncake://127.0.0.1:{port}"}  # cluster stores: a URL where nothing listens
+
+
+@pytest.mark.parametrize("scheme", sorted(UNREACHABLE))
+def test_an_unreachable_store_fails_at_start_up_in_one_line_or_starts_degraded(scheme):
+    url = UNREACHABLE[scheme].format(port=free_port())
+    with pytest.raises(ConnectionError) as failed:
+        open_backend(scheme, LAYOUT, SLOT, FlexKVSettings(remote_store=url, remote_timeout_s=2))
+    assert url in str(failed.value) and "\n" not in str(failed.value)
+    settings = FlexKVSettings(remote_store=url, remote_timeout_s=2, remote_start_degraded=True)
+    tier = open_backend(scheme, LAYOUT, SLOT, settings)
+    try:
+        assert not tier.healthy and "unreachable" in tier.degraded_reason
+        assert tier.lookup([b"k" * 32]).result(timeout=TIMEOUT) == [False]
+    finally:
+        tier.close()

@@ -1,0 +1,126 @@
+"""Real cluster-store servers for the tests, started on loopback and stopped with the test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from dynamo_flexkv.integration.dynamo.processes import Deployment, free_port
+
+MOONCAKE_MASTER = str(Path(sys.executable).with_name("mooncake_master"))
+MOONCAKE_CLIENT = str(Path(sys.executable).with_name("mooncake_client"))  # a store node: holds a segment
+# Mooncake's transfer engine listens on every interface unless told otherwise; keep it on loopback.
+os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
+os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+
+
+def master_argv(port: int, host: str = "127.0.0.1") -> list[str]:
+    return [MOONCAKE_MASTER, f"-rpc_port={port}", f"-rpc_address={host}", "-logtostderr"]
+
+
+def answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def mooncake_master(workdir: Path) -> Iterator[tuple[Deployment, str]]:
+    """A Mooncake master on a free loopback port: (its deployment, the remote_store URL)."""
+    port = free_port()
+    with Deployment(workdir) as services:
+        services.start("mooncake-master", master_argv(port))
+        services.wait_for(lambda: answers(port), 30, "mooncake_master listening")
+        yield services, f"mooncake://127.0.0.1:{port}"
+
+
+class PrivateNetwork:
+    """Network namespaces joined by a bridge: a "store" node (the bridge, .1) and `nodes` engine
+    nodes (.2, .3, ...), each with its own loopback. Nothing is reachable from or leaks to the
+    host's network. `cut(i)` / `mend(i)` take node i's link down and up."""
+
+    def __init__(self, nodes: int):
+        tag = f"{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+        self.subnet = f"10.{random.randrange(64, 250)}.{random.randrange(1, 250)}"
+        self.store = f"fkv-s{tag}"
+        self.nodes = [f"fkv-n{i}{tag}" for i in range(nodes)]
+        self._made: list[str] = []
+        try:
+            self._build()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _build(self) -> None:
+        for ns in (self.store, *self.nodes):
+            _ip("netns", "add", ns)
+            self._made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", self.store, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.store, "addr", "add", f"{self.address(-1)}/24", "dev", "br0")
+        _ip("-n", self.store, "link", "set", "br0", "up")
+        for i, ns in enumerate(self.nodes):
+            _ip("-n", self.store, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("-n", self.store, "link", "set", f"p{i}", "master", "br0")
+            _ip("-n", self.store, "link", "set", f"p{i}", "up")
+            _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+
+    def address(self, node: int) -> str:
+        """Node i's address; -1: the store node's."""
+        return f"{self.subnet}.{node + 2}"
+
+    def run_in(self, ns: str, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv]
+
+    def cut(self, node: int) -> None:
+        _ip("-n", self.store, "link", "set", f"p{node}", "down")
+
+    def mend(self, node: int) -> None:
+        _ip("-n", self.store, "link", "set", f"p{node}", "up")
+
+    def remove(self) -> None:
+        for ns in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+        self._made = []
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def mooncake_cluster(workdir: Path, nodes: int, segment: str = "256MB") -> Iterator[tuple[PrivateNetwork, Deployment, dict[str, str]]]:
+    """A private network with a Mooncake master (and its metadata server) and a store node holding
+    `segment` of memory in the store namespace. Yields the network, the services and the engines'
+    FLEXKV_* settings for the store."""
+    network = PrivateNetwork(nodes)
+    try:
+        host, port, http = network.address(-1), free_port(), free_port()
+        with Deployment(workdir) as services:
+            env = {"MC_TCP_BIND_ADDRESS": host}
+            services.start("mooncake-master", network.run_in(network.store, [
+                *master_argv(port, host), "-enable_http_metadata_server=true",
+                f"-http_metadata_server_host={host}", f"-http_metadata_server_port={http}"]), env)
+            probe = network.run_in(network.store, [sys.executable, "-c", _PROBE, host, str(port)])
+            services.wait_for(lambda: subprocess.run(probe, timeout=10).returncode == 0, 30, "mooncake_master listening")
+            metadata = f"http://{host}:{http}/metadata"
+            services.start("mooncake-store", network.run_in(network.store, [
+                MOONCAKE_CLIENT, f"-master_server_address={host}:{port}", f"-metadata_server={metadata}",
+                f"-host={host}", f"-port={free_port()}", f"-global_segment_size={segment}", "-protocol=tcp"]), env)
+            settings = {"FLEXKV_REMOTE_STORE": f"mooncake://{host}:{port}", "FLEXKV_REMOTE_METADATA_SERVER": metadata}
+            yield network, services, settings
+    finally:
+        network.remove()
+
+
+_PROBE = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()"

@@ -1,0 +1,157 @@
+"""TierStack over example backends: the cascade fans out to every lower tier, a shared tier is asked
+off the scheduler's thread ("ask again later"), and the start-up refusals of a shared tier."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.index import CacheEngine, Stored, TierIndex, make_policy
+from dynamo_flexkv.storage.cpu_pool import SHM_DIR
+from dynamo_flexkv.storage.layout import PoolGeometry
+from dynamo_flexkv.tiers import InstanceFacts, TierStack, shared_tier_layout
+from tests.example_tier import MemoryTier
+from tests.unit.test_engine import chain, parents_of, store
+
+DEADLINE_S = 10
+SHARD = 4096
+
+
+def make_stack(*backends, timeout_s: float = 5.0) -> TierStack:
+    facts = InstanceFacts(f"dynamo-flexkv-test-{uuid.uuid4().hex[:8]}", 16, PoolGeometry(8, SHARD, 1), {})
+    stack = TierStack(facts, FlexKVSettings(remote_timeout_s=timeout_s), record_events=True, backends=backends)
+    stack.io.pool.copy_(torch.randint(0, 256, stack.io.pool.shape, dtype=torch.uint8))
+    return stack
+
+
+@pytest.fixture
+def stacks():
+    made: list[TierStack] = []
+
+    def make(*backends, **kwargs) -> TierStack:
+        made.append(make_stack(*backends, **kwargs))
+        return made[-1]
+
+    yield make
+    for stack in made:
+        stack.close()
+        (SHM_DIR / stack.facts.identity).unlink()
+
+
+def until(condition, what: str):
+    deadline = time.monotonic() + DEADLINE_S
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+    return value
+
+
+def settle(stack: TierStack) -> None:
+    """Advance the stack until every spill and staging it started has been acknowledged."""
+    until(lambda: (stack.advance(), stack.num_pending == 0)[1], "lower-tier work")
+
+
+def named(name: str, shared: bool = True, num_slots: int = 16) -> MemoryTier:
+    tier = MemoryTier(num_slots)
+    tier.name, tier.shared = name, shared
+    return tier
+
+
+def test_committed_store_spills_into_every_lower_tier_from_the_cpu_pool():
+    engine = CacheEngine([TierIndex(n, 8, make_policy("lru", 8)) for n in ("CPU", "SSD", "CLUSTER")])
+    keys = chain("a", 3)
+    store(engine, "s", keys)
+    engine.take_events()
+    plans = engine.take_spills()
+    assert [(p.src, p.dst) for p in plans] == [("CPU", "SSD"), ("CPU", "CLUSTER")]
+    assert engine.tiers[0].num_locked == 3
+    engine.complete_spill(plans[1].spill_id, [True] * 3)  # destinations finish independently
+    engine.complete_spill(plans[0].spill_id, [True, False, True])
+    assert engine.take_events() == [Stored("CLUSTER", tuple(keys), tuple(parents_of(keys))),
+                                    Stored("SSD", tuple(keys[:1]), (None,))]
+    assert engine.tiers[0].num_locked == 0
+    assert engine.prepare_spill(keys, parents_of(keys), "CLUSTER") is None  # already there
+
+
+def test_a_block_another_instance_wrote_is_asked_for_then_staged(stacks):
+    cluster = named("CLUSTER")
+    writer, reader = stacks(cluster), stacks(cluster)
+    keys = chain("p", 3)
+    store(writer.engine, "w", keys)
+    settle(writer)
+    assert cluster.lookup(keys).result() == [True] * 3
+
+    assert reader.lookup("r", keys, None) is None  # asked, not yet answered: vLLM asks again later
+    hits = until(lambda: reader.lookup("r", keys, None), "the store's answer")
+    assert hits == 3
+    plan = reader.engine.prepare_load("r", keys)
+    assert [s.tier for s in plan.staged] == ["CLUSTER"] * 3
+    reader.stage(plan)
+    staged = until(lambda: reader.advance(), "the staging reads")
+    assert staged == [("r", 3)]
+    written = writer.engine.tiers[0]
+    for key, slot in zip(keys, plan.slots):
+        assert torch.equal(reader.io.pool[slot], writer.io.pool[written.slot_of(key)])
+    reader.engine.complete_load("r", success=True)
+
+
+def test_an_absent_block_is_believed_briefly_and_not_asked_again(stacks):
+    cluster = named("CLUSTER")
+    asked = []
+    lookup = cluster.lookup
+    cluster.lookup = lambda keys: asked.append(list(keys)) or lookup(keys)
+    stack = stacks(cluster)
+    keys = chain("x", 2)
+    assert stack.lookup("r", keys, None) is None
+    assert until(lambda: stack.lookup("r", keys, None) is not None, "an answer")
+    assert stack.lookup("r2", keys, None) == 0 and len(asked) == 1
+
+
+def test_an_unhealthy_shared_tier_is_not_asked(stacks):
+    cluster = named("CLUSTER")
+    cluster.broken = True
+    stack = stacks(cluster)
+    store(stack.engine, "s", chain("a", 1))
+    assert stack.lookup("r", [*chain("a", 1), *chain("b", 2)], None) == 1
+
+
+def test_an_unanswered_lookup_becomes_a_miss_after_the_timeout(stacks):
+    cluster = named("CLUSTER")
+    cluster.lookup = lambda keys: Future()  # never answers
+    stack = stacks(cluster, timeout_s=0.05)
+    keys = chain("h", 2)
+    assert stack.lookup("r", keys, None) is None
+    assert until(lambda: stack.lookup("r", keys, None) == 0, "the lookup timeout")
+
+
+def test_a_local_tier_is_never_asked(stacks):
+    ssd = named("SSD", shared=False)
+    ssd.lookup = None  # would raise if called
+    stack = stacks(ssd)
+    assert stack.lookup("r", chain("n", 2), None) == 0
+
+
+def test_shared_tier_refuses_per_process_random_block_hashes(monkeypatch):
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    with pytest.raises(ValueError, match="PYTHONHASHSEED.*sha256"):
+        shared_tier_layout({"hash_algo": "xxhash"}, "remote_store")
+    assert shared_tier_layout({"hash_algo": "sha256"}, "remote_store")["hash_seed"] == "vllm-default"
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    assert shared_tier_layout({"hash_algo": "xxhash_cbor"}, "remote_store")["hash_seed"] == "7"
+
+
+def test_spills_planned_in_one_step_go_to_each_tier_as_one_batch(stacks):
+    cluster, writes = named("CLUSTER"), []
+    write = cluster.write
+    cluster.write = lambda pool, src, dst, keys: writes.append(list(keys)) or write(pool, src, dst, keys)
+    stack = stacks(cluster)
+    store(stack.engine, "a", chain("a", 2))
+    store(stack.engine, "b", chain("b", 3))
+    settle(stack)
+    assert writes == [chain("a", 2) + chain("b", 3)]
+    assert stack.engine.tiers[1].match(chain("a", 2)) == 2 and stack.engine.tiers[1].match(chain("b", 3)) == 3
