@@ -63,5 +63,5 @@ def _sources(ax, results: list[PassResult]) -> None:
     ax.set_xticks(turns, [f"turn {t + 1}" for t in turns])
     ax.set_ylabel("prompt tokens (all users and repetitions)")
     ax.set_title("Where each turn's prompt tokens came from", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=len(SOURCES), frameon=False)
     ax.margins(y=0.15)
