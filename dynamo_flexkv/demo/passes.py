@@ -35,7 +35,6 @@ class PassConfig:
     gpu_blocks: int
     max_tokens: int
     cpu_cache_gb: float
-    ssd_cache_gb: float = 0.0
 
     @property
     def max_model_len(self) -> int:
@@ -156,8 +155,6 @@ def _worker_env(config: PassConfig, system_port: int, worker: int) -> dict[str, 
            "VLLM_CPU_OMP_THREADS_BIND": f"{first}-{first + half - 1}" if half > 1 else str(first)}
     if config.flexkv:
         env["FLEXKV_CPU_CACHE_GB"] = str(config.cpu_cache_gb)
-        if config.ssd_cache_gb:
-            env["FLEXKV_SSD_CACHE_GB"] = str(config.ssd_cache_gb)
     return env
 
 

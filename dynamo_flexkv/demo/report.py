@@ -115,7 +115,7 @@ def print_report(results: list[PassResult], header: list[str]) -> None:
             print(f"            w{w}: vLLM events seen by our subscriber {published}, by Dynamo's relay {received}, "
                   f"relay-detected gaps {int(relay.get('dropped', 0))}")
 
-    print(f"\nTTFT, ms: median over repetitions of each repetition's percentile (min-max)")
+    print("\nTTFT, ms: median over repetitions of each repetition's percentile (min-max)")
     print(f"{'pass':9} {'all p50':>20} {'returning p50':>20} {'returning p90':>20}")
     for result in results:
         reps = sorted({r.repetition for r in result.records})
