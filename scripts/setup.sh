@@ -133,9 +133,9 @@ install_this_package() {
   local want
   want=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)
   done_marker "package-$want" && return 0
-  step "pip: dynamo-flexkv (editable, with test extras)"
-  pip_install --no-build-isolation -e "$ROOT[test]" "torch==$TORCH_VERSION" 2>/dev/null \
-    || pip_install -e "$ROOT[test]" "torch==$TORCH_VERSION"
+  step "pip: dynamo-flexkv (editable, with test and demo extras)"
+  pip_install --no-build-isolation -e "$ROOT[test,demo]" "torch==$TORCH_VERSION" 2>/dev/null \
+    || pip_install -e "$ROOT[test,demo]" "torch==$TORCH_VERSION"
   rm -f "$STAMP_DIR"/package-*
   mark_done "package-$want"
 }
