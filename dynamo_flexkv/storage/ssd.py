@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from dynamo_flexkv.storage.private_files import ForeignFileError
+from dynamo_flexkv.storage.ssd_claim import reclaim_dead_files
 from dynamo_flexkv.storage.ssd_io import (
     ALIGN,
     IOV_MAX,
@@ -196,17 +198,24 @@ class SsdBlockStore:
         self._seqs = [0] * self.num_slots
         self._gens = [0] * self.num_slots
         self._files: list[SsdFile] = []
+        for d in dirs:
+            if not Path(d).is_dir():
+                raise ValueError(f"SSD cache directory {d} does not exist")
+        file_name = f"flexkv-{self.identity_hash}.ssd"
         try:
             for i, d in enumerate(dirs):
-                if not Path(d).is_dir():
-                    raise ValueError(f"SSD cache directory {d} does not exist")
+                reclaim_dead_files(d, keep=file_name)
                 slots = (self.num_slots - i + n - 1) // n
                 header = build_header({
                     "identity": self.identity, "slot_bytes": slot_bytes, "num_slots": self.num_slots,
                     "n_dirs": n, "dir_index": i, "slots_in_file": slots, "record_bytes": RECORD_BYTES})
-                path = Path(d) / f"flexkv-{self.identity_hash}.ssd"
-                self._files.append(SsdFile(path, header, slots, slot_bytes, self.name))
+                self._files.append(SsdFile(Path(d) / file_name, header, slots, slot_bytes, self.name))
             self._warm_start_or_wipe()
+        except (OSError, ForeignFileError) as exc:
+            # A bad disk or a planted file must not take the engine down: serve without this tier.
+            self._close_files()
+            self._keys = [None] * self.num_slots
+            self._degrade(f"cannot open the SSD tier: {exc.__class__.__name__}: {exc}", disable=True)
         except BaseException:
             self._close_files()
             raise
@@ -255,6 +264,8 @@ class SsdBlockStore:
         return self._files[s % self._n], s // self._n
 
     def _set_record(self, s: int, key: bytes | None, dsum: int = 0, seq: int = 0) -> None:
+        if not self._files:
+            return  # disabled at start-up: nothing on disk to update
         f, local = self._locate(s)
         f.set_record(local, s, key, dsum, seq)
 
@@ -293,6 +304,12 @@ class SsdBlockStore:
                                                           errno.ENXIO, errno.EBADF)
         self._degrade(what, disable=gone)
         return what
+
+    @property
+    def writable(self) -> bool:
+        """False once a fault stopped writes: plan no spills into this store (they would evict
+        readable blocks for writes that fail)."""
+        return self._writable and not self._closed
 
     # ------------------------------------------------------------------------------------- API
     def write_blocks(self, pool, pool_slots: Sequence[int], ssd_slots: Sequence[int],

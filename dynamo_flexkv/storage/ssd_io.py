@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from dynamo_flexkv.storage.private_files import open_private
+
 logger = logging.getLogger(__name__)
 
 ALIGN = 4096
@@ -366,15 +368,14 @@ class SsdFile:
         meta_bytes = -(-slots * RECORD_BYTES // ALIGN) * ALIGN
         self.data_off = HEADER_BYTES + meta_bytes
         size = self.data_off + slots * slot_bytes
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self.direct = True
-        try:
-            self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
+        try:  # never a link, never another user's file (see private_files.py)
+            self.fd, _ = open_private(path, os.O_RDWR | os.O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             self.direct = False
-            self.fd = os.open(path, flags, 0o600)
+            self.fd, _ = open_private(path, os.O_RDWR)
             logger.warning("%s: %s refuses O_DIRECT; using buffered I/O for %s", label, path.parent, path)
         try:
             try:
