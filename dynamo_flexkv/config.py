@@ -390,7 +390,11 @@ class FlexKVSettings(BaseModel):
                 problems.append(_Problem("ssd_cache_dir", f"{path} is not writable", dirs))
         if problems:
             return problems
-        # Free space: count each filesystem once even when several directories live on it.
+        from dynamo_flexkv.storage.ssd_claim import reclaimable_bytes
+
+        # Free space: count each filesystem once even when several directories live on it. Our own
+        # files from an earlier run (and those of identities nobody runs) are reused or reclaimed
+        # at start-up, so their space counts as free.
         free_by_dev: dict[int, int] = {}
         per_dir: list[str] = []
         for path in self.ssd_cache_dir:
@@ -401,7 +405,9 @@ class FlexKVSettings(BaseModel):
                 return [_Problem("ssd_cache_dir", f"cannot stat {path}: {exc.strerror or exc}",
                                  dirs)]
             free_by_dev.setdefault(dev, free)
-            per_dir.append(f"{path}: {free / GIB:.1f} GiB")
+            ours = reclaimable_bytes(path)
+            free_by_dev[dev] += ours
+            per_dir.append(f"{path}: {(free + ours) / GIB:.1f} GiB")
         total_free = sum(free_by_dev.values())
         shared = "; a shared filesystem counts once" if len(free_by_dev) < len(per_dir) else ""
         if self.ssd_cache_gb * GIB > total_free:

@@ -108,3 +108,32 @@ def test_unexpected_fallocate_error_at_start_degrades_instead_of_aborting(tmp_pa
     monkeypatch.setattr(os, "posix_fallocate", broken)
     with SsdBlockStore([str(tmp_path)], 4 * SLOT, SLOT, IDENT) as st:
         assert_disabled_but_serving(st, pool, "Input/output error")
+
+
+WARM_RESTART_ON_SMALL_DISK = """
+import sys
+from dynamo_flexkv.config import GIB, load_settings
+from dynamo_flexkv.storage.ssd import SsdBlockStore
+env = {"FLEXKV_SSD_CACHE_GB": str(12 / 1024), "FLEXKV_SSD_CACHE_DIR": sys.argv[1]}
+for run in range(3):  # the first start and two warm restarts, each validating its settings first
+    settings = load_settings(environ=env)
+    with SsdBlockStore(list(settings.ssd_cache_dir), settings.ssd_cache_bytes, 16384, {"m": 1}) as st:
+        assert st.healthy, st.degraded_reason
+print("restarted", run)
+"""
+
+
+def test_a_warm_restart_passes_the_free_space_check_with_its_own_files(tmp_path):
+    """12 MiB tier on a 16 MiB disk: the tier's own preallocated file must count as free."""
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    script = f'mount -t tmpfs -o size=16m tmpfs "$1" && exec {sys.executable} -c "$0" "$1"'
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                             WARM_RESTART_ON_SMALL_DISK, str(mnt)], capture_output=True, text=True,
+                            timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["restarted", "2"]
