@@ -68,6 +68,9 @@ class CacheEngine:
         self._spills: dict[int, SpillPlan] = {}
         self._new_spills: list[SpillPlan] = []
         self._spill_ids = itertools.count(1)
+        # Lower tiers that cannot take writes now (a degraded disk): no spill is planned into them,
+        # since planning evicts readable blocks there for writes that would fail.
+        self.unwritable: set[str] = set()
         zero = dict.fromkeys(names, 0)
         self._stats = EngineStats(
             hit_blocks=dict(zero),
@@ -318,7 +321,7 @@ class CacheEngine:
         while being read) and WRITING below. Complete spills in the order they were prepared, so
         a parent is always announced before its children.
         """
-        if len(self._tiers) < 2:
+        if len(self._tiers) < 2 or self._tiers[1].name in self.unwritable:
             return None
         src, dst = self._tiers[0], self._tiers[1]
         new_keys: list[bytes] = []

@@ -183,6 +183,8 @@ class SchedulerSide:
             io.spill(plan)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
+        if self.lower_io is not None and not self.lower_io.store.writable:
+            self.engine.unwritable.add(SSD_TIER)  # commits below must not plan spills into it
         report = output.kv_connector_worker_meta
         if not isinstance(report, FlexKVWorkerReport):
             report = FlexKVWorkerReport()
