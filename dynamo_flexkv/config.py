@@ -206,6 +206,15 @@ class FlexKVSettings(BaseModel):
         description="Most SSD I/O requests in flight at once.",
         json_schema_extra={"x-allowed": "an integer from 1 to 1024"},
     )
+    ssd_io_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Longest an SSD read or write batch may take. A batch still pending then fails "
+        "(its blocks are recomputed) and the SSD tier is disabled: the disk is stuck.",
+        json_schema_extra={"x-allowed": "a number of seconds > 0 and <= 3600"},
+    )
     remote_store: Optional[str] = Field(
         None,
         description="URL of a cluster-wide KV store shared by all instances: a Mooncake master "
@@ -266,7 +275,7 @@ class FlexKVSettings(BaseModel):
     # ---- field validators -----------------------------------------------------------------------
 
     @field_validator("cpu_cache_gb", "ssd_cache_gb", "remote_cache_gb", "ssd_io_threads",
-                     "ssd_queue_depth", mode="before")
+                     "ssd_queue_depth", "ssd_io_timeout_s", mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: Any) -> Any:
         # pydantic's lax mode would turn ``cpu_cache_gb: true`` into 1.0.

@@ -20,6 +20,12 @@ No fsync is needed for correctness for the same reason; `close()` does one to ke
 Faults never raise out of the I/O path: a failed block is `ok=False` in its `IoResult`, every future
 completes, and the store degrades (`healthy` False, `degraded_reason` set): an I/O error stops writes
 (they fail fast without touching the disk); a removed directory or file disables the store.
+
+Every wait is bounded: a batch not finished within `io_timeout_s` (a hung disk, a stuck network
+file system) completes as failed and disables the store; `close()` gives up on stuck threads after
+the same time. A syscall that returns late must not write into a pool row the caller has reused
+since, so reads land in a scratch buffer of the store and are copied into the pool (after checksum
+verification) only while their batch is still pending.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -48,6 +55,7 @@ from dynamo_flexkv.storage.ssd_io import (
     FaultInjector,
     IoOp,
     SsdFile,
+    aligned_buffer,
     build_header,
     make_engine,
     xxh,
@@ -57,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_OP_BYTES = 8 << 20  # bytes per vectored syscall (adjacent slots are coalesced up to this)
 _META_FLUSH_DELAY_S = 0.05  # group-commit window of the metadata flusher
+DEFAULT_IO_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -139,17 +148,37 @@ class _Batch:
     sums: list[int]
     ok: list[bool]
     remaining: int
+    deadline: float = 0.0
+    done: bool = False  # finalized (completed, or given up on by the watchdog): ignore late ops
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _ScratchBuffers:
+    """Page-aligned read buffers of one op's size, reused; at most one per op in flight."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._free: list = []
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return aligned_buffer(self.nbytes)
+
+    def put(self, buf) -> None:
+        with self._lock:
+            self._free.append(buf)
 
 
 class SsdBlockStore:
     """Fixed-size block slots on local disks with per-block checksums and warm restart.
 
     Slot allocation is the caller's (the index's): it names the SSD slot of every block. All methods
-    are thread-safe; `write_blocks` / `read_blocks` return at once with a Future that always completes.
-    A read lands in the caller's pool slot even when it then fails verification: treat the slot of a
-    failed block as garbage.
+    are thread-safe; `write_blocks` / `read_blocks` return at once with a Future that always completes
+    (within `io_timeout_s`). A read writes the caller's pool row only for a block reported ok.
     """
 
     def __init__(
@@ -162,6 +191,7 @@ class SsdBlockStore:
         queue_depth: int = 32,
         *,
         engine: str = "auto",
+        io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
         _fault_injector: FaultInjector | None = None,
     ):
         if not dirs:
@@ -186,6 +216,9 @@ class SsdBlockStore:
         self._closed = False
         self._lock = threading.Lock()  # slot state, stats, health, batch ids
         self._idle = threading.Condition(self._lock)
+        self._watch = threading.Condition(self._lock)  # wakes the watchdog
+        self._pending: dict[int, _Batch] = {}  # batches not yet finalized, by id
+        self.io_timeout_s = io_timeout_s
         self._inflight = 0  # batches not yet finalized
         self._next_batch = 1
         self._seq = 1
@@ -230,6 +263,10 @@ class SsdBlockStore:
         self._meta_stop = False
         self._meta_thread = threading.Thread(target=self._flusher, name="flexkv-ssd-meta", daemon=True)
         self._meta_thread.start()
+        max_run = max(1, min(IOV_MAX, _MAX_OP_BYTES // slot_bytes))
+        self._scratch = _ScratchBuffers(max_run * slot_bytes)
+        self._watchdog = threading.Thread(target=self._watch_batches, name="flexkv-ssd-watchdog", daemon=True)
+        self._watchdog.start()
         n_valid = sum(k is not None for k in self._keys)
         logger.info("%s: %d slots x %d bytes in %s (%s engine, O_DIRECT %s), %d blocks recovered",
                     self.name, self.num_slots, slot_bytes, [str(f.path) for f in self._files],
@@ -386,24 +423,45 @@ class SsdBlockStore:
         return [(k, s) for _, k, s in found]
 
     def close(self) -> None:
-        """Wait for in-flight batches, persist metadata, release files and threads. Idempotent."""
+        """Wait for in-flight batches, persist metadata, release files and threads. Idempotent.
+        Bounded: a stuck disk costs at most about two `io_timeout_s`, then its threads are left."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._idle.wait_for(lambda: self._inflight == 0)
-        self._engine.close()
+            # The watchdog finalizes every batch within io_timeout_s; the margin covers its wake-up.
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=self.io_timeout_s + 1)
+            self._watch.notify_all()
+        self._engine.close(self.io_timeout_s)
         with self._meta_cv:
             self._meta_stop = True
             self._meta_cv.notify()
+        self._meta_thread.join(self.io_timeout_s)
+        self._watchdog.join(self.io_timeout_s)
+        persist = threading.Thread(target=self._persist, name="flexkv-ssd-close", daemon=True)
+        persist.start()
+        persist.join(self.io_timeout_s)
+        if persist.is_alive() or self._meta_thread.is_alive():
+            self._degrade(f"metadata could not be persisted within {self.io_timeout_s:g} s at close",
+                          disable=True)
+            # A thread is stuck in a syscall on these fds: close them once it returns, if ever.
+            threading.Thread(target=self._close_files_after, args=(persist,), daemon=True,
+                             name="flexkv-ssd-close-later").start()
+            return
+        self._close_files()
+
+    def _close_files_after(self, persist: threading.Thread) -> None:
+        persist.join()
         self._meta_thread.join()
+        self._close_files()
+
+    def _persist(self) -> None:
         if self.flush() and not self._disabled:
             for f in self._files:
                 try:
                     os.fsync(f.fd)
                 except OSError as exc:
                     logger.error("%s: fsync of %s failed: %s", self.name, f.path, exc)
-        self._close_files()
 
     def __enter__(self) -> SsdBlockStore:
         return self
@@ -459,7 +517,30 @@ class SsdBlockStore:
             bid = self._next_batch
             self._next_batch += 1
             self._inflight += 1
-        return _Batch(bid, write, fut, ssd_slots, keys, gens, sums, [False] * len(ssd_slots), 0)
+            batch = _Batch(bid, write, fut, ssd_slots, keys, gens, sums, [False] * len(ssd_slots), 0,
+                           deadline=time.monotonic() + self.io_timeout_s)
+            self._pending[bid] = batch
+            self._watch.notify()
+        return batch
+
+    def _watch_batches(self) -> None:
+        """Fail every batch still pending at its deadline, and disable the store: the disk is stuck."""
+        while True:
+            with self._lock:
+                if self._closed and not self._pending:
+                    return
+                now = time.monotonic()
+                expired = [b for b in self._pending.values() if b.deadline <= now]
+                if not expired:
+                    nxt = min((b.deadline for b in self._pending.values()), default=now + 60)
+                    self._watch.wait(timeout=nxt - now)
+                    continue
+            for batch in expired:
+                what = f"{'write' if batch.write else 'read'} batch {batch.id}"
+                self._degrade(f"SSD I/O stuck: {what} did not complete within {self.io_timeout_s:g} s",
+                              disable=True)
+                batch.errors.append(f"timed out after {self.io_timeout_s:g} s")
+                self._finalize(batch)
 
     def _submit(self, batch: _Batch, rows: np.ndarray, todo: list[int], pool_slots: list[int]) -> None:
         try:
@@ -484,10 +565,10 @@ class SsdBlockStore:
         def flush() -> None:
             f, local = self._locate(batch.ssd_slots[run[0]])
             bufs = [memoryview(rows[pool_slots[i]]) for i in run]
+            # ctx: the batch, its block indices, the pool rows, the scratch buffer of a read
             op = IoOp(batch.write, f.fd, str(f.path), f.data_off + local * self.slot_bytes, bufs,
-                      len(run) * self.slot_bytes, ctx=(batch, list(run)))
-            if batch.write:
-                op.before = lambda op=op: self._hash_op(op)
+                      len(run) * self.slot_bytes, ctx=[batch, list(run), bufs, None])
+            op.before = (lambda op=op: self._hash_op(op)) if batch.write else (lambda op=op: self._use_scratch(op))
             ops.append(op)
 
         for i in order:
@@ -501,12 +582,19 @@ class SsdBlockStore:
 
     @staticmethod
     def _hash_op(op: IoOp) -> None:
-        batch, idx = op.ctx
+        batch, idx = op.ctx[0], op.ctx[1]
         for i, buf in zip(idx, op.bufs):
             batch.sums[i] = xxh(buf)
 
+    def _use_scratch(self, op: IoOp) -> None:
+        """Point a read at a scratch buffer (on the I/O thread, right before its syscall)."""
+        buf = self._scratch.get()
+        op.ctx[3] = buf
+        view = memoryview(buf)
+        op.bufs = [view[k * self.slot_bytes:(k + 1) * self.slot_bytes] for k in range(len(op.ctx[1]))]
+
     def _op_done(self, op: IoOp, err: BaseException | None) -> None:
-        batch, idx = op.ctx
+        batch, idx, rows, scratch = op.ctx
         try:
             if err is not None:
                 batch.errors.append(self._io_error(err, op))
@@ -514,16 +602,26 @@ class SsdBlockStore:
                 for i in idx:
                     batch.ok[i] = True
             else:
-                for i, buf in zip(idx, op.bufs):
-                    if xxh(buf) == batch.sums[i]:
-                        batch.ok[i] = True
-                    else:
+                good = [xxh(buf) == batch.sums[i] for i, buf in zip(idx, op.bufs)]
+                with batch.lock:
+                    if not batch.done:  # a batch given up on never touches the pool again
+                        for i, buf, row, ok in zip(idx, op.bufs, rows, good):
+                            if ok:
+                                row[:] = buf
+                                batch.ok[i] = True
+                for i, ok in zip(idx, good):
+                    if not ok:
                         self._corrupt(batch, i)
         except BaseException as exc:  # noqa: BLE001 - never lose a batch
             logger.exception("%s: batch %d: completion failed", self.name, batch.id)
             batch.errors.append(repr(exc))
-            for i in idx:
-                batch.ok[i] = False
+            with batch.lock:
+                for i in idx:
+                    batch.ok[i] = False
+        finally:
+            if scratch is not None:
+                op.bufs = []
+                self._scratch.put(scratch)
         with batch.lock:
             batch.remaining -= 1
             last = batch.remaining == 0
@@ -547,6 +645,11 @@ class SsdBlockStore:
                            self.name, s, f.path, local, batch.keys[i].hex())
 
     def _finalize(self, batch: _Batch) -> None:
+        """Complete the batch's future, once: when its last op reports, or at its deadline."""
+        with batch.lock:
+            if batch.done:
+                return
+            batch.done = True
         try:
             if batch.write:
                 self._commit_write(batch)
@@ -572,6 +675,7 @@ class SsdBlockStore:
                          "; ".join(batch.errors[:3]))
         batch.future.set_result(IoResult(batch.ok, n_ok * self.slot_bytes))
         with self._lock:
+            self._pending.pop(batch.id, None)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.notify_all()

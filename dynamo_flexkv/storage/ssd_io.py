@@ -39,6 +39,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,16 +164,16 @@ class ThreadEngine:
                 err = exc
             _report(on_done, op, err)
 
-    def close(self) -> None:
-        """Finish every queued op, then stop the threads."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Finish every queued op, then stop the threads; a thread stuck in a syscall (a hung
+        disk) is given up on after `timeout_s` in all (it is a daemon thread)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             for _ in self._threads:
                 self._queue.put(None)
-        for t in self._threads:
-            t.join()
+        _join_all(self._threads, timeout_s)
 
 
 def uring_available() -> tuple[bool, str]:
@@ -311,17 +312,30 @@ class UringEngine:
                 return
         _report(on_done, op, None)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
         with self._lock:
             self._stopping = True
         os.eventfd_write(self._efd, 1)
-        self._thread.join()
+        if not _join_all([self._thread], timeout_s):
+            return  # requests stuck in the kernel: the ring must outlive them, leave it to exit
         try:
             self._L.io_uring_unregister_eventfd(self._ring)
         except Exception:  # noqa: BLE001
             pass
         self._L.io_uring_queue_exit(self._ring)
         os.close(self._efd)
+
+
+def _join_all(threads: list[threading.Thread], timeout_s: float | None) -> bool:
+    """Join `threads` within `timeout_s` in all; False (one log line) if some are still running."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for t in threads:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+        logger.error("ssd io: %d I/O thread(s) still stuck in a syscall after %.0f s, left behind: %s",
+                     len(stuck), timeout_s, ", ".join(stuck))
+    return not stuck
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -416,9 +430,8 @@ class SsdFile:
     def _pread(self, nbytes: int, offset: int) -> bytes:
         buf = aligned_buffer(nbytes)
         try:
-            view = memoryview(buf)[:nbytes]
-            self._pread_into(view, offset)
-            view.release()
+            with memoryview(buf) as whole, whole[:nbytes] as view:
+                self._pread_into(view, offset)
             return bytes(buf[:nbytes])
         finally:
             buf.close()
@@ -441,9 +454,8 @@ class SsdFile:
         buf = aligned_buffer(HEADER_BYTES)
         try:
             buf[:HEADER_BYTES] = header  # written last: a crash before this leaves "bad magic"
-            view = memoryview(buf)[:HEADER_BYTES]
-            os.pwritev(self.fd, [view], 0)
-            view.release()
+            with memoryview(buf) as whole, whole[:HEADER_BYTES] as view:
+                os.pwritev(self.fd, [view], 0)
             os.fsync(self.fd)
         finally:
             buf.close()

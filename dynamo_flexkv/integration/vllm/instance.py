@@ -72,5 +72,6 @@ def open_ssd_tier(facts: InstanceFacts, settings: FlexKVSettings) -> LowerTierIO
         {**facts.layout, "seat": seat},
         io_threads=settings.ssd_io_threads,
         queue_depth=settings.ssd_queue_depth,
+        io_timeout_s=settings.ssd_io_timeout_s,
     )
     return LowerTierIO(store, CpuBlockPool(facts.identity, facts.geometry).tensor, seat_lock)
