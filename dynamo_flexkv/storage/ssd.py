@@ -287,6 +287,7 @@ class SsdBlockStore:
                     self._degrade(f.no_space, disable=True)
             return
         n = self._n
+        newest: dict[bytes, int] = {}  # key -> its slot with the highest write sequence
         for f in self._files:
             f.load()
             i = self._files.index(f)
@@ -296,6 +297,15 @@ class SsdBlockStore:
                     continue
                 self._keys[slot], self._sums[slot], self._seqs[slot] = key, dsum, seq
                 self._seq = max(self._seq, seq + 1)
+                other = newest.get(key)
+                if other is not None:  # written twice (e.g. by an older release after a reset)
+                    older = other if self._seqs[other] < seq else slot
+                    self._keys[older] = None
+                    self._set_record(older, None)
+                    if older == other:
+                        newest[key] = slot
+                else:
+                    newest[key] = slot
 
     def _locate(self, s: int) -> tuple[SsdFile, int]:
         return self._files[s % self._n], s // self._n
@@ -413,6 +423,20 @@ class SsdBlockStore:
                 self._keys[s] = None
                 self._gens[s] += 1
                 self._set_record(s, None)
+
+    def invalidate_all(self) -> None:
+        """Forget every block (a cache reset: e.g. the model's weights changed, so no stored KV may
+        be served again, not even after a restart). The zeroed records reach the disk with the next
+        metadata flush, within moments; in-flight writes complete as failed."""
+        with self._lock:
+            for s in range(self.num_slots):
+                if self._keys[s] is not None:
+                    self._keys[s] = None
+                    self._set_record(s, None)
+                self._gens[s] += 1
+        with self._meta_cv:
+            self._meta_pending = True
+            self._meta_cv.notify()
 
     def recover(self) -> list[tuple[bytes, int]]:
         """(key, ssd_slot) of every block this store holds, oldest write first — after a warm

@@ -449,3 +449,32 @@ def test_gds_available_reports_a_reason():
     assert isinstance(ok, bool) and why
     if not ok:
         assert "GPUDirect Storage" in why
+
+
+def test_invalidate_all_forgets_every_block_across_a_restart(dirs, make_pool):
+    """A cache reset (vLLM after a weight update) followed by saving the same blocks again: the next
+    start must find each key once, in its new slot, and none of the blocks from before the reset."""
+    pool = make_pool(8)
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT) as st:
+        ok_all(st.write_blocks(pool, range(4), range(4), keys_for(range(4))))
+        st.invalidate_all()
+        assert st.recover() == []
+        assert st.read_blocks(pool, [0], [5], keys_for([0])).result(TIMEOUT).ok == [False]
+        ok_all(st.write_blocks(pool, range(2), [6, 7], keys_for(range(2))))  # saved again elsewhere
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT) as st:
+        assert st.recover() == list(zip(keys_for(range(2)), [6, 7]))
+
+
+def test_a_key_recorded_twice_on_disk_is_recovered_once(dirs, make_pool):
+    """Files written by a release without invalidate_all hold duplicates after a reset; the start
+    must not fail on them (it used to: 'cannot restore ... at slot N', on every start)."""
+    pool = make_pool(8)
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT) as st:
+        ok_all(st.write_blocks(pool, [0, 1], [0, 1], [b"dup", b"other"]))
+        ok_all(st.write_blocks(pool, [2], [5], [b"dup"]))  # the same key again, newer, elsewhere
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT) as st:
+        assert st.recover() == [(b"other", 1), (b"dup", 5)]
+        ok_all(st.read_blocks(pool, [5], [6], [b"dup"]))
+        assert torch.equal(pool[6], pool[2])
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT) as st:  # the stale record was cleared on disk
+        assert st.recover() == [(b"other", 1), (b"dup", 5)]

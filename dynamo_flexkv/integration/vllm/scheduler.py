@@ -222,6 +222,9 @@ class SchedulerSide:
 
     def reset_cache(self) -> bool:
         self.engine.reset()
+        if self.lower_io is not None:
+            # Also on disk: after a weight update no stored KV may be served, not even after a restart.
+            self.lower_io.store.invalidate_all()
         logger.info("cache reset: every unlocked block dropped")
         return True
 
