@@ -3,7 +3,9 @@
 SSD slot `s` lives in file `s % n_dirs` at index `s // n_dirs`, so consecutive slots stripe across
 the directories; the files are named from a hash of the caller's identity (model/layout), and each
 header repeats the identity and layout. The on-disk format and the I/O engines are in ssd_io.py. Each
-slot has a metadata record: the caller's block key, the xxh3-64 of the block's data, a write sequence.
+slot has a metadata record: the caller's block key, the xxh3-64 of the block's data, a write sequence,
+and optionally the block's parent key and token ids (so a restarted worker can rebuild its chains and
+announce what it found on disk; see `recover_blocks`).
 
 Crash safety rests on the data checksum, not on write ordering. A write puts the data in place and
 only then the record (key + checksum of the new data). Whatever a crash leaves behind:
@@ -41,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
@@ -51,13 +54,13 @@ from dynamo_flexkv.storage.ssd_io import (
     ALIGN,
     IOV_MAX,
     MAX_KEY_BYTES,
-    RECORD_BYTES,
     FaultInjector,
     IoOp,
     SsdFile,
     aligned_buffer,
     build_header,
     make_engine,
+    record_bytes_for,
     xxh,
 )
 
@@ -66,6 +69,13 @@ logger = logging.getLogger(__name__)
 _MAX_OP_BYTES = 8 << 20  # bytes per vectored syscall (adjacent slots are coalesced up to this)
 _META_FLUSH_DELAY_S = 0.05  # group-commit window of the metadata flusher
 DEFAULT_IO_TIMEOUT_S = 20.0
+
+
+class RecoveredBlock(NamedTuple):
+    key: bytes
+    slot: int
+    parent: bytes | None  # None: a chain head, or written without a parent
+    tokens: tuple[int, ...]  # empty when written without tokens
 
 
 @dataclass
@@ -148,6 +158,8 @@ class _Batch:
     sums: list[int]
     ok: list[bool]
     remaining: int
+    parents: list[bytes | None] = field(default_factory=list)
+    tokens: list[tuple[int, ...]] = field(default_factory=list)
     deadline: float = 0.0
     done: bool = False  # finalized (completed, or given up on by the watchdog): ignore late ops
     errors: list[str] = field(default_factory=list)
@@ -192,6 +204,7 @@ class SsdBlockStore:
         *,
         engine: str = "auto",
         io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+        tokens_per_block: int = 0,
         _fault_injector: FaultInjector | None = None,
     ):
         if not dirs:
@@ -204,6 +217,8 @@ class SsdBlockStore:
         self.num_slots = capacity_bytes // slot_bytes
         if self.num_slots < 1:
             raise ValueError(f"capacity {capacity_bytes} bytes holds no {slot_bytes}-byte block")
+        self.tokens_per_block = tokens_per_block
+        self.record_bytes = record_bytes_for(tokens_per_block)
         self.identity = _canonical_identity(identity)
         ident_json = json.dumps(self.identity, sort_keys=True, separators=(",", ":"))
         self.identity_hash = xxhash.xxh3_64_hexdigest(ident_json.encode())
@@ -230,6 +245,8 @@ class SsdBlockStore:
         self._sums = [0] * self.num_slots
         self._seqs = [0] * self.num_slots
         self._gens = [0] * self.num_slots
+        self._parents: list[bytes | None] = [None] * self.num_slots
+        self._tokens: list[tuple[int, ...]] = [()] * self.num_slots
         self._files: list[SsdFile] = []
         for d in dirs:
             if not Path(d).is_dir():
@@ -241,8 +258,9 @@ class SsdBlockStore:
                 slots = (self.num_slots - i + n - 1) // n
                 header = build_header({
                     "identity": self.identity, "slot_bytes": slot_bytes, "num_slots": self.num_slots,
-                    "n_dirs": n, "dir_index": i, "slots_in_file": slots, "record_bytes": RECORD_BYTES})
-                self._files.append(SsdFile(Path(d) / file_name, header, slots, slot_bytes, self.name))
+                    "n_dirs": n, "dir_index": i, "slots_in_file": slots, "record_bytes": self.record_bytes})
+                self._files.append(SsdFile(Path(d) / file_name, header, slots, slot_bytes, self.name,
+                                           self.record_bytes))
             self._warm_start_or_wipe()
         except (OSError, ForeignFileError) as exc:
             # A bad disk or a planted file must not take the engine down: serve without this tier.
@@ -291,11 +309,12 @@ class SsdBlockStore:
         for f in self._files:
             f.load()
             i = self._files.index(f)
-            for local, slot, key, dsum, seq in f.records():
+            for local, slot, key, dsum, seq, parent, tokens in f.records():
                 if slot != local * n + i:
                     f.set_record(local, slot, None)
                     continue
                 self._keys[slot], self._sums[slot], self._seqs[slot] = key, dsum, seq
+                self._parents[slot], self._tokens[slot] = parent, tokens
                 self._seq = max(self._seq, seq + 1)
                 other = newest.get(key)
                 if other is not None:  # written twice (e.g. by an older release after a reset)
@@ -310,11 +329,12 @@ class SsdBlockStore:
     def _locate(self, s: int) -> tuple[SsdFile, int]:
         return self._files[s % self._n], s // self._n
 
-    def _set_record(self, s: int, key: bytes | None, dsum: int = 0, seq: int = 0) -> None:
+    def _set_record(self, s: int, key: bytes | None, dsum: int = 0, seq: int = 0,
+                    parent: bytes | None = None, tokens: tuple[int, ...] = ()) -> None:
         if not self._files:
             return  # disabled at start-up: nothing on disk to update
         f, local = self._locate(s)
-        f.set_record(local, s, key, dsum, seq)
+        f.set_record(local, s, key, dsum, seq, parent, tokens)
 
     def _check_files(self) -> bool:
         """False (and the store disabled) when a file or its directory was removed or replaced."""
@@ -360,18 +380,26 @@ class SsdBlockStore:
 
     # ------------------------------------------------------------------------------------- API
     def write_blocks(self, pool, pool_slots: Sequence[int], ssd_slots: Sequence[int],
-                     keys: Sequence[bytes]) -> Future:
+                     keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None,
+                     tokens: Sequence[Sequence[int]] | None = None) -> Future:
         """Copy pool rows `pool_slots` into SSD slots `ssd_slots`, recording `keys` (<= 64 bytes
-        each). A block is readable only after its future reports it ok."""
+        each) and, when given, each block's parent key and token ids (at most `tokens_per_block`),
+        which `recover_blocks` returns after a restart. A block is readable only after its future
+        reports it ok."""
         pool_slots, ssd_slots, rows = self._validate(pool, pool_slots, ssd_slots)
         keys = [bytes(k) for k in keys]
-        if len(keys) != len(ssd_slots):
-            raise ValueError(f"{len(keys)} keys for {len(ssd_slots)} blocks")
-        if any(len(k) > MAX_KEY_BYTES for k in keys):
+        n = len(ssd_slots)
+        parents = [None if p is None else bytes(p) for p in parents] if parents is not None else [None] * n
+        tokens = [tuple(_as_ints(t)) for t in tokens] if tokens is not None else [()] * n
+        if not len(keys) == len(parents) == len(tokens) == n:
+            raise ValueError(f"{len(keys)} keys, {len(parents)} parents, {len(tokens)} token lists "
+                             f"for {n} blocks")
+        if any(len(k) > MAX_KEY_BYTES for k in keys) or any(p and len(p) > MAX_KEY_BYTES for p in parents):
             raise ValueError(f"block keys are limited to {MAX_KEY_BYTES} bytes")
+        if any(len(t) > self.tokens_per_block for t in tokens):
+            raise ValueError(f"this store records at most {self.tokens_per_block} tokens per block")
         if len(set(ssd_slots)) != len(ssd_slots):
             raise ValueError("a write batch names the same SSD slot twice")
-        n = len(ssd_slots)
         if not self._writable or self._closed or not self._check_files():
             return self._fail_fast(n, write=True)
         with self._lock:
@@ -385,6 +413,7 @@ class SsdBlockStore:
         batch = self._new_batch(True, ssd_slots, keys, gens, [0] * n)
         if batch is None:
             return self._fail_fast(n, write=True)
+        batch.parents, batch.tokens = parents, tokens
         self._submit(batch, rows, list(range(n)), pool_slots)
         return batch.future
 
@@ -441,10 +470,15 @@ class SsdBlockStore:
     def recover(self) -> list[tuple[bytes, int]]:
         """(key, ssd_slot) of every block this store holds, oldest write first — after a warm
         restart, the blocks found on disk. Data is verified lazily, by read_blocks."""
+        return [(b.key, b.slot) for b in self.recover_blocks()]
+
+    def recover_blocks(self) -> list[RecoveredBlock]:
+        """`recover()` with each block's parent key and tokens as written, oldest write first (so a
+        parent written before its child comes first)."""
         with self._lock:
-            found = [(self._seqs[s], k, s) for s, k in enumerate(self._keys) if k is not None]
-        found.sort()
-        return [(k, s) for _, k, s in found]
+            found = [(self._seqs[s], s) for s, k in enumerate(self._keys) if k is not None]
+            found.sort()
+            return [RecoveredBlock(self._keys[s], s, self._parents[s], self._tokens[s]) for _, s in found]
 
     def close(self) -> None:
         """Wait for in-flight batches, persist metadata, release files and threads. Idempotent.
@@ -720,7 +754,8 @@ class SsdBlockStore:
                 seq = self._seq
                 self._seq += 1
                 self._keys[s], self._sums[s], self._seqs[s] = batch.keys[i], batch.sums[i], seq
-                self._set_record(s, batch.keys[i], batch.sums[i], seq)
+                self._parents[s], self._tokens[s] = batch.parents[i], batch.tokens[i]
+                self._set_record(s, batch.keys[i], batch.sums[i], seq, batch.parents[i], batch.tokens[i])
         with self._meta_cv:
             self._meta_pending = True
             self._meta_cv.notify()

@@ -35,9 +35,11 @@ class LowerTierIO:
         future = self.store.read_blocks(self.pool, [s.slot for s in plan.staged], [plan.slots[s.index] for s in plan.staged], keys)
         self._stages[plan.request_id] = (future, len(keys))
 
-    def spill(self, plan: SpillPlan) -> None:
-        """Write the plan's CPU blocks into their SSD slots."""
-        future = self.store.write_blocks(self.pool, plan.src_slots, plan.dst_slots, plan.keys)
+    def spill(self, plan: SpillPlan, tokens=None) -> None:
+        """Write the plan's CPU blocks into their SSD slots, recording parents (and tokens, when
+        known) so a restart rebuilds the chains and can announce them."""
+        future = self.store.write_blocks(self.pool, plan.src_slots, plan.dst_slots, plan.keys,
+                                         parents=plan.parents, tokens=tokens)
         self._spills.append((plan.spill_id, future, len(plan.keys)))
 
     def finished_stages(self) -> list[tuple[str, list[bool]]]:

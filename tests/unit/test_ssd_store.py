@@ -478,3 +478,24 @@ def test_a_key_recorded_twice_on_disk_is_recovered_once(dirs, make_pool):
         assert torch.equal(pool[6], pool[2])
     with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT) as st:  # the stale record was cleared on disk
         assert st.recover() == [(b"other", 1), (b"dup", 5)]
+
+
+def test_parents_and_tokens_survive_a_restart(dirs, make_pool):
+    """What a restarted worker needs to rebuild chains and announce its disk tier (tokens of a
+    128-token block need a 1 KiB record; the store sizes records from tokens_per_block)."""
+    pool = make_pool(4)
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    toks = [list(range(i, i + 128)) for i in (0, 1000, 2000)]
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT, tokens_per_block=128) as st:
+        assert st.record_bytes == 1024
+        ok_all(st.write_blocks(pool, [0, 1], [3, 0], [a, b], parents=[None, a], tokens=toks[:2]))
+        ok_all(st.write_blocks(pool, [2], [5], [c], parents=[b], tokens=toks[2:]))
+        with pytest.raises(ValueError, match="at most 128 tokens"):
+            st.write_blocks(pool, [3], [6], [b"d"], tokens=[list(range(129))])
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT, tokens_per_block=128) as st:
+        got = st.recover_blocks()
+        assert [(x.key, x.slot, x.parent, list(x.tokens)) for x in got] == [
+            (a, 3, None, toks[0]), (b, 0, a, toks[1]), (c, 5, b, toks[2])]
+        assert st.recover() == [(a, 3), (b, 0), (c, 5)]
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT, tokens_per_block=16) as st:
+        assert st.recover() == []  # another record layout: the tier is wiped, never misread

@@ -18,6 +18,7 @@ from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import PoolGeometry
 from dynamo_flexkv.storage.ssd import SsdBlockStore
 from dynamo_flexkv.storage.ssd_claim import claim_seat
+from dynamo_flexkv.storage.ssd_io import MAX_TOKENS_PER_BLOCK
 from dynamo_flexkv.transfer.tier_io import LowerTierIO
 
 
@@ -75,5 +76,7 @@ def open_ssd_tier(facts: InstanceFacts, settings: FlexKVSettings) -> LowerTierIO
         io_threads=settings.ssd_io_threads,
         queue_depth=settings.ssd_queue_depth,
         io_timeout_s=settings.ssd_io_timeout_s,
+        # Tokens are recorded so a restart can announce its blocks; very large blocks go without.
+        tokens_per_block=facts.block_size if facts.block_size <= MAX_TOKENS_PER_BLOCK else 0,
     )
     return LowerTierIO(store, CpuBlockPool(facts.identity, facts.geometry).tensor, seat_lock)

@@ -27,7 +27,7 @@ from vllm.v1.request import Request
 
 from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.index.engine import CacheEngine
-from dynamo_flexkv.index.plans import LoadPlan, StorePlan
+from dynamo_flexkv.index.plans import LoadPlan, StorePlan, Stored
 from dynamo_flexkv.index.policies import make_policy
 from dynamo_flexkv.index.tier import TierIndex
 from dynamo_flexkv.integration.vllm.events import EventTranslator
@@ -54,11 +54,10 @@ class SchedulerSide:
             ssd_slots = self.lower_io.store.num_slots
             tiers.append(TierIndex(SSD_TIER, ssd_slots, make_policy(policy, ssd_slots)))
         self.engine = CacheEngine(tiers, record_events=publish_events)
-        if self.lower_io is not None:
-            found = self.lower_io.store.recover()
-            self.engine.restore(SSD_TIER, [(key, slot, None) for key, slot in found])
-            logger.info("ssd tier: %d slots, %d blocks found from an earlier run", ssd_slots, len(found))
         self.events = EventTranslator(facts.block_size) if publish_events else None
+        self._restored_events: list[KVCacheEvent] = []
+        if self.lower_io is not None:
+            self._restore_ssd_tier()
         self.loaded_tokens = 0  # tokens whose load was scheduled, since start
         self._reported = self.engine.snapshot()
         # request id -> (first block index of the hit, its locked plan), awaiting allocation
@@ -72,6 +71,20 @@ class SchedulerSide:
             "scheduler ready: identity=%s cpu_slots=%d block_size=%d policy=%s tiers=%s",
             facts.identity, num_slots, facts.block_size, policy, [t.name for t in tiers],
         )
+
+    def _restore_ssd_tier(self) -> None:
+        """Re-admit the blocks found on disk with their parents (chains stay intact for eviction)
+        and announce those whose tokens were recorded, so the router credits the disk tier."""
+        found = self.lower_io.store.recover_blocks()
+        self.engine.restore(SSD_TIER, [(b.key, b.slot, b.parent) for b in found])
+        if self.events is not None and found:
+            known = [b for b in found if b.tokens]
+            self.events.remember([b.key for b in known], [b.tokens for b in known])
+            self._restored_events = self.events.translate(
+                [Stored(SSD_TIER, tuple(b.key for b in found), tuple(b.parent for b in found))])
+        logger.info("ssd tier: %d slots, %d blocks found from an earlier run (%d announced)",
+                    self.lower_io.store.num_slots, len(found),
+                    sum(len(e.block_hashes) for e in self._restored_events))
 
     # --- loads ---------------------------------------------------------------------------------
 
@@ -156,7 +169,9 @@ class SchedulerSide:
 
     def _remember_tokens(self, request: Request, indices: list[int], keys) -> None:
         tokens, size = request.all_token_ids, self.block_size
-        self.events.remember(keys, [tokens[i * size : (i + 1) * size] for i in indices])
+        lora = request.lora_request
+        self.events.remember(keys, [tokens[i * size : (i + 1) * size] for i in indices],
+                             None if lora is None else (lora.adapter_id, lora.name))
 
     # --- per step --------------------------------------------------------------------------------
 
@@ -180,7 +195,7 @@ class SchedulerSide:
         for spill_id, ok in io.finished_spills():
             self.engine.complete_spill(spill_id, ok)
         for plan in self.engine.take_spills():
-            io.spill(plan)
+            io.spill(plan, None if self.events is None else self.events.persistable_tokens(plan.keys))
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         if self.lower_io is not None and not self.lower_io.store.writable:
@@ -218,7 +233,8 @@ class SchedulerSide:
         tier_events = self.engine.take_events()
         if self.events is None:
             return ()
-        return self.events.translate(tier_events)
+        restored, self._restored_events = self._restored_events, []
+        return restored + self.events.translate(tier_events)
 
     def reset_cache(self) -> bool:
         self.engine.reset()
