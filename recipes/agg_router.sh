@@ -26,7 +26,7 @@ DYN_SYSTEM_PORT=${DYN_SYSTEM_PORT1:-8081} \
 CUDA_VISIBLE_DEVICES=${DEVICES1:-0} \
   $PYTHON -m dynamo_flexkv.vllm --model "$MODEL" $WORKER_ARGS \
     --connector flexkv \
-    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT1:-tcp://*:20080}")" &
+    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT1:-tcp://127.0.0.1:20080}")" &
 
 # Worker 2
 env ${FLEXKV_SERVER_RECV_PORT2:+FLEXKV_SERVER_RECV_PORT=$FLEXKV_SERVER_RECV_PORT2} \
@@ -36,6 +36,6 @@ DYN_SYSTEM_PORT=${DYN_SYSTEM_PORT2:-8082} \
 CUDA_VISIBLE_DEVICES=${DEVICES2:-1} \
   $PYTHON -m dynamo_flexkv.vllm --model "$MODEL" $WORKER_ARGS \
     --connector flexkv \
-    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT2:-tcp://*:20081}")" &
+    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT2:-tcp://127.0.0.1:20081}")" &
 
 wait_any_exit

@@ -33,7 +33,6 @@ verification) only while their batch is still pending.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -94,43 +93,6 @@ class SsdStats:
     read_failed_blocks: int = 0  # every ok=False read: misses, corruption, I/O errors
     corrupt_blocks: int = 0  # data did not match its checksum
     io_errors: int = 0  # failed syscalls (ops, not blocks)
-
-
-def gds_available() -> tuple[bool, str]:
-    """Whether GPUDirect Storage can be used here: kvikio (not in compat mode) or nixl's GDS plugin
-    with libcufile loadable. Returns (available, reason) for a start-up message."""
-    missing = []
-    try:
-        import kvikio
-        import kvikio.defaults
-
-        if not kvikio.defaults.compat_mode():
-            return True, f"kvikio {getattr(kvikio, '__version__', '?')} (cuFile)"
-        missing.append("kvikio is installed but runs in compat mode (no cuFile/GDS driver)")
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
-        missing.append(f"kvikio: {exc.__class__.__name__}: {exc}")
-    plugin = None
-    for pkg in ("nixl_cu13", "nixl_cu12"):
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        site = Path(next(iter(spec.submodule_search_locations))).parent
-        found = sorted(site.glob(f"{pkg}*libs/**/libplugin_GDS*.so")) + sorted(
-            site.glob(f".{pkg}*libs/**/libplugin_GDS*.so"))
-        if found:
-            plugin = found[0]
-            break
-    if plugin is None:
-        missing.append("nixl: no GDS plugin (libplugin_GDS*.so) in an installed nixl_cu12/nixl_cu13")
-    else:
-        import ctypes
-
-        try:
-            ctypes.CDLL("libcufile.so.0")
-            return True, f"nixl GDS plugin {plugin.name} with libcufile"
-        except OSError as exc:
-            missing.append(f"nixl GDS plugin {plugin.name} found but libcufile cannot be loaded ({exc})")
-    return False, "GPUDirect Storage is not available: " + "; ".join(missing)
 
 
 def _canonical_identity(identity: Mapping[str, str | int]) -> dict[str, str | int]:
@@ -216,7 +178,9 @@ class SsdBlockStore:
         self.slot_bytes = slot_bytes
         self.num_slots = capacity_bytes // slot_bytes
         if self.num_slots < 1:
-            raise ValueError(f"capacity {capacity_bytes} bytes holds no {slot_bytes}-byte block")
+            raise ValueError(f"ssd_cache_gb (FLEXKV_SSD_CACHE_GB) = {capacity_bytes / 2**30:.6g} GiB holds "
+                             f"no KV block of this model ({slot_bytes} bytes per block): set it to at "
+                             f"least {slot_bytes / 2**30:.6g}, or 0 to turn the SSD tier off")
         self.tokens_per_block = tokens_per_block
         self.record_bytes = record_bytes_for(tokens_per_block)
         self.identity = _canonical_identity(identity)

@@ -191,3 +191,8 @@ def test_another_users_file_in_a_shared_dir_never_stops_a_non_root_sweeper():
         assert (shared / "dynamo-flexkv-theirs").exists()
     finally:
         shutil.rmtree(shared)
+
+
+def test_a_pool_too_small_for_one_block_names_the_setting_and_the_minimum():
+    with pytest.raises(ValueError, match=r"cpu_cache_gb \(FLEXKV_CPU_CACHE_GB\) = .* holds no KV block .* at least"):
+        PoolGeometry.for_capacity(capacity_bytes=1 << 20, shard_bytes=2 << 20, world_size=1)

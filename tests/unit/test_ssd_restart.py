@@ -83,3 +83,14 @@ def test_restored_chains_evict_their_tail_first_under_mru(instance):
         assert ssd.match(keys) == 3
     finally:
         side.shutdown()
+
+
+@pytest.mark.parametrize("engine", ["threads", "uring"])
+def test_the_io_engine_setting_reaches_the_store(instance, engine):
+    facts, settings = instance
+    settings = FlexKVSettings(**{**settings.model_dump(), "ssd_io_engine": engine})
+    io = open_ssd_tier(facts, settings)
+    try:
+        assert io.store.engine_name == engine
+    finally:
+        io.close()

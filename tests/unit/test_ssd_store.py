@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dynamo_flexkv.storage import ssd_io
-from dynamo_flexkv.storage.ssd import IoResult, SsdBlockStore, gds_available
+from dynamo_flexkv.storage.ssd import IoResult, SsdBlockStore
 from dynamo_flexkv.storage.ssd_io import ALIGN, HEADER_BYTES, RECORD_BYTES, uring_available
 
 SLOT = 16 * 1024
@@ -442,13 +442,6 @@ def test_argument_errors_raise_at_the_call(dirs, make_pool):
         assert st.write_blocks(pool, [], [], []).result(TIMEOUT) == IoResult([], 0)
     with pytest.raises(ValueError, match="multiple of 4096"):
         SsdBlockStore(dirs, 4 * SLOT, SLOT + 1, IDENT)
-
-
-def test_gds_available_reports_a_reason():
-    ok, why = gds_available()
-    assert isinstance(ok, bool) and why
-    if not ok:
-        assert "GPUDirect Storage" in why
 
 
 def test_invalidate_all_forgets_every_block_across_a_restart(dirs, make_pool):

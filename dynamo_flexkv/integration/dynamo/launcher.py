@@ -52,7 +52,8 @@ dynamo-flexkv legacy worker flags (translated to Dynamo 1.6.1's flags, then `pyt
   --is-prefill-worker           same as --disaggregation-mode prefill
   --is-decode-worker            same as --disaggregation-mode decode (implied by --connector nixl alone)
   DYNAMO_USE_FLEXKV=1           FlexKV for a worker given no connector; turns vLLM KV events on
-                                (endpoint tcp://*:$DYN_VLLM_KV_EVENT_PORT, else a private ipc:// path)
+                                (endpoint tcp://127.0.0.1:$DYN_VLLM_KV_EVENT_PORT, else a private
+                                ipc:// path; DYNAMO_FLEXKV_KV_EVENTS_HOST=* or an address binds wider)
 """.format(names=", ".join(ALLOWED_NAMES))
 
 
@@ -154,12 +155,17 @@ def _validate_names(names: list[str], source: str) -> None:
 
 
 def default_kv_events_endpoint(environ: Mapping[str, str]) -> str:
-    """Legacy DYN_VLLM_KV_EVENT_PORT (tcp://*:PORT, as in Dynamo's FlexKV guide), else a private ipc:// path."""
+    """Legacy DYN_VLLM_KV_EVENT_PORT (as in Dynamo's FlexKV guide), else a private ipc:// path.
+
+    The events carry prompt tokens and Dynamo's worker reads them on the same host, so a TCP
+    endpoint binds loopback only, unless DYNAMO_FLEXKV_KV_EVENTS_HOST says otherwise (`*` for all
+    interfaces, as Dynamo's guide had it)."""
     port = (environ.get("DYN_VLLM_KV_EVENT_PORT") or "").strip()
     if port:
         if not port.isdigit():
             raise LauncherError(f"DYN_VLLM_KV_EVENT_PORT={port!r} is not a port number")
-        return f"tcp://*:{port}"
+        host = (environ.get("DYNAMO_FLEXKV_KV_EVENTS_HOST") or "").strip() or "127.0.0.1"
+        return f"tcp://{host}:{port}"
     return f"ipc://{tempfile.gettempdir()}/dynamo-flexkv-kv-events-{uuid.uuid4().hex[:12]}"
 
 

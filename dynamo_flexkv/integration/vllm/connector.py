@@ -28,7 +28,6 @@ from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
 from dynamo_flexkv.logs import configure_logging
 from dynamo_flexkv.storage.cpu_pool import claim_pool_owner, release_pool_owner
-from dynamo_flexkv.storage.ssd import gds_available
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -44,17 +43,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def require_gds() -> None:
-    """`enable_gds` is a promise of GPU-direct SSD I/O: refuse to start where it cannot be kept."""
-    available, reason = gds_available()
-    if not available:
-        raise ValueError(f"enable_gds (FLEXKV_ENABLE_GDS) is set but {reason}; unset it to stage SSD I/O through the CPU pool")
-    raise ValueError(
-        f"enable_gds (FLEXKV_ENABLE_GDS) is set and {reason} is present, but this release stages SSD "
-        "I/O through the CPU pool only; unset it"
-    )
-
-
 class FlexKVConnector(FlexKVConnectorV1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         KVConnectorBase_V1.__init__(self, vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -63,8 +51,6 @@ class FlexKVConnector(FlexKVConnectorV1):
         configure_logging(settings.log_level)
         self._metrics = settings.enable_metrics
         facts = describe_instance(vllm_config, kv_cache_config, settings)
-        if settings.enable_gds:
-            require_gds()
         self._scheduler = None
         self._worker = None
         if role == KVConnectorRole.SCHEDULER:

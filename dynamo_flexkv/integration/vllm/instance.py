@@ -76,6 +76,7 @@ def open_ssd_tier(facts: InstanceFacts, settings: FlexKVSettings) -> LowerTierIO
         io_threads=settings.ssd_io_threads,
         queue_depth=settings.ssd_queue_depth,
         io_timeout_s=settings.ssd_io_timeout_s,
+        engine=settings.ssd_io_engine,
         # Tokens are recorded so a restart can announce its blocks; very large blocks go without.
         tokens_per_block=facts.block_size if facts.block_size <= MAX_TOKENS_PER_BLOCK else 0,
     )
