@@ -67,9 +67,14 @@ class EngineHost:
             raise EngineError(reply["error"])
         return reply["result"]
 
-    def generate(self, prompts: list[list[int]], max_tokens: int = 8, one_at_a_time: bool = False) -> list[Completion]:
-        raw = self.call("generate", prompts=prompts, max_tokens=max_tokens, one_at_a_time=one_at_a_time)
+    def generate(self, prompts: list[list[int]], max_tokens: int = 8, one_at_a_time: bool = False,
+                 timeout_s: float = 600) -> list[Completion]:
+        raw = self.call("generate", timeout_s, prompts=prompts, max_tokens=max_tokens, one_at_a_time=one_at_a_time)
         return [Completion(**r) for r in raw]
+
+    def call_async(self, command: str, **args: Any) -> None:
+        """Send a command without waiting for its answer (e.g. to kill the engine while it runs)."""
+        self._conn.send({"command": command, **args})
 
     def flexkv_state(self) -> dict[str, Any]:
         return self.call("flexkv_state")
@@ -115,7 +120,9 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str])
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     connector = scheduler.connector
-    side = getattr(connector, "_scheduler", None)
+    # FlexKV's scheduler side, also when it is a child of a MultiConnector/PdConnector.
+    children = getattr(connector, "sub_connectors", None) or getattr(connector, "_connectors", None) or [connector]
+    side = next((c._scheduler for c in children if getattr(c, "_scheduler", None) is not None), None)
     while True:
         message = conn.recv()
         command = message.pop("command")
@@ -203,4 +210,25 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
     if side.lower_io is not None:
         store = side.lower_io.store
         state["ssd"] = {"healthy": store.healthy, "reason": store.degraded_reason, **vars(store.stats)}
+    state["accounting"] = _accounting(side)
     return state
+
+
+def _accounting(side) -> dict[str, Any]:
+    """Whether the index agrees with itself and with what the SSD store holds (when it is healthy)."""
+    problems = []
+    for tier in side.engine.tiers:
+        try:
+            tier.verify()
+        except AssertionError as exc:
+            problems.append(f"{tier.name}: {exc}")
+    if side.lower_io is not None and side.lower_io.store.healthy:
+        # Every block the index has on SSD must be on disk at its slot; the store may hold more
+        # (slots the index freed keep their valid records until rewritten: see storage/ssd.py).
+        ssd = side.engine.tiers[1]
+        indexed = [(key, slot) for key, slot in side.lower_io.store.recover() if ssd.is_ready(key)]
+        moved = [key.hex()[:16] for key, slot in indexed if int(ssd.slot_of(key)) != slot]
+        if moved or len(indexed) != ssd.num_used:
+            problems.append(f"SSD: the index holds {ssd.num_used} blocks, {len(indexed)} of them on disk "
+                            f"at their slot (elsewhere: {moved[:4]})")
+    return {"problems": problems}

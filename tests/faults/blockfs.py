@@ -157,6 +157,7 @@ class FaultyDisk:
         self.backing = root / "backing"
         self.mountpoint = root / "mnt"
         self.control = root / "mode"
+        root.mkdir(parents=True, exist_ok=True)
         self.backing.mkdir()
         self.mountpoint.mkdir()
         self.set("ok")
