@@ -202,6 +202,7 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
     tier = side.engine.tiers[0]
     state = {
         "connector": type(connector).__module__ + "." + type(connector).__name__,
+        "pool": side.identity,  # the /dev/shm name of its CPU tier
         "cpu_slots": tier.num_slots,
         "cpu_used": tier.num_used,
         "loaded_tokens": side.loaded_tokens,

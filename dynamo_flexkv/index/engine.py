@@ -367,8 +367,9 @@ class CacheEngine:
         return good
 
     def restore(self, tier: str, blocks: Sequence[tuple[bytes, int, bytes | None]]) -> None:
-        """Re-admit blocks a lower tier found on restart (not announced: their tokens are unknown
-        here; they are announced when staged up)."""
+        """Re-admit blocks a lower tier found on restart, with their parents. No event is recorded:
+        tokens are not the index's business; the scheduler announces the blocks whose tokens the
+        lower tier recorded."""
         self._by_name[tier].restore(blocks)
 
     # ---- whole cache ---------------------------------------------------------------------

@@ -76,21 +76,21 @@ def serve_bounded(host: EngineHost, prompts, expected) -> list[float]:
     return took
 
 
+POOLS_SEEN: set[str] = set()  # CPU pools of the engines a test started (other users' are not ours)
+
+
 def assert_accounting(host: EngineHost) -> dict:
     state = host.flexkv_state()
+    POOLS_SEEN.add(state["pool"])
     assert state["accounting"]["problems"] == [], state["accounting"]
     return state
 
 
-def shm_pools() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("dynamo-flexkv-*")}
-
-
 @pytest.fixture
 def clean_shm():
-    before = shm_pools()
+    POOLS_SEEN.clear()
     yield
-    leftover = shm_pools() - before
+    leftover = [name for pool in POOLS_SEEN for name in (pool, pool + ".owner") if Path("/dev/shm", name).exists()]
     assert not leftover, f"shared memory left behind after a clean stop: {leftover}"
 
 
@@ -118,6 +118,7 @@ def test_sigkill_mid_batch_then_restart(tiny_model, reference, prompts, expected
     host = engine(tiny_model, ssd)
     try:
         host.generate(prompts[:2], max_tokens=8)
+        assert_accounting(host)  # records its pool: the next start must sweep it after the kill
         push_out_of_gpu_cache(host, random.Random(1))
         # A batch that loads the first prompts back and saves the rest; killed once writes landed.
         host.call_async("generate", prompts=prompts, max_tokens=8, one_at_a_time=False)
@@ -165,6 +166,7 @@ def test_flipped_bytes_under_multiconnector_are_recomputed(tiny_model, reference
     ssd[0].mkdir()
     with engine(tiny_model, ssd) as host:
         serve_bounded(host, prompts, expected)
+        assert_accounting(host)
     [f] = list(ssd[0].glob("*.ssd"))
     data = bytearray(f.read_bytes())
     start = len(data) - 400 * BLOCK_BYTES
