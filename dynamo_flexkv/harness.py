@@ -83,6 +83,10 @@ class EngineHost:
         """For each prompt, how many of its leading full blocks the FlexKV CPU tier holds ready."""
         return self.call("cpu_resident_blocks", prompts=prompts)
 
+    def reset_cache(self) -> bool:
+        """vLLM's prefix-cache reset, connectors included."""
+        return self.call("reset_cache")
+
     def drain(self) -> None:
         """Step the engine until FlexKV has no load or save in flight."""
         self.call("drain")
@@ -138,6 +142,8 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str])
                 result = [side.engine.lookup(_block_hashes(engine, p)) for p in message["prompts"]]
             elif command == "drain":
                 result = _drain(engine, side)
+            elif command == "reset_cache":  # what vLLM does e.g. after a weight update
+                result = engine.reset_prefix_cache(reset_connector=True)
             else:
                 raise ValueError(f"unknown command {command!r}")
             conn.send({"result": result})
@@ -224,10 +230,11 @@ def _accounting(side) -> dict[str, Any]:
         except AssertionError as exc:
             problems.append(f"{tier.name}: {exc}")
     if side.lower_io is not None and side.lower_io.store.healthy:
-        # Every block the index has on SSD must be on disk at its slot; the store may hold more
-        # (slots the index freed keep their valid records until rewritten: see storage/ssd.py).
+        # Every block the index has on SSD must be on disk at its slot (its newest record); the store
+        # may hold more (freed slots keep their valid records until rewritten: see storage/ssd.py).
         ssd = side.engine.tiers[1]
-        indexed = [(key, slot) for key, slot in side.lower_io.store.recover() if ssd.is_ready(key)]
+        newest = dict(side.lower_io.store.recover())  # oldest write first: the newest record wins
+        indexed = [(key, slot) for key, slot in newest.items() if ssd.is_ready(key)]
         moved = [key.hex()[:16] for key, slot in indexed if int(ssd.slot_of(key)) != slot]
         if moved or len(indexed) != ssd.num_used:
             problems.append(f"SSD: the index holds {ssd.num_used} blocks, {len(indexed)} of them on disk "

@@ -7,6 +7,7 @@ without any connector, within a bounded time; afterwards the index agrees with w
 | row | fault |
 | --- | --- |
 | `sigkill` | SIGKILL of the engine (scheduler and worker) while a batch saves and loads, then a restart |
+| `reset` | vLLM's cache reset, the same blocks saved again, then a restart |
 | `dir_removed` | the SSD directory removed while serving |
 | `disk_full` | the SSD directory on a small tmpfs that cannot hold the tier |
 | `flipped_bytes` | flipped bytes in every SSD block, under MultiConnector (vLLM's "fail" policy otherwise) |
@@ -130,6 +131,26 @@ def test_sigkill_mid_batch_then_restart(tiny_model, reference, prompts, expected
     with engine(tiny_model, ssd) as again:  # sweeps the dead pool, restores what the disk holds
         serve_bounded(again, prompts, expected)
         assert_accounting(again)
+
+
+def test_cache_reset_then_saving_again_then_restart(tiny_model, reference, prompts, expected, tmp_path, clean_shm):
+    """vLLM resets the cache (e.g. after a weight update); the same blocks are saved again. The next
+    start used to fail on duplicate SSD records ('cannot restore ... at slot N'), and the reset must
+    reach the disk: nothing from before it is found after a restart."""
+    ssd = [tmp_path / "ssd"]
+    ssd[0].mkdir()
+    with engine(tiny_model, ssd) as host:
+        serve_bounded(host, prompts, expected)
+        host.drain()
+        assert host.reset_cache() is True
+        assert assert_accounting(host)["engine_stats"]["blocks_held"] == {"CPU": 0, "SSD": 0}
+        serve_bounded(host, prompts[:2], expected[:2])  # saved again, into other slots
+        host.drain()
+        held = assert_accounting(host)["engine_stats"]["blocks_held"]["SSD"]
+    with engine(tiny_model, ssd) as again:
+        state = assert_accounting(again)
+        assert state["engine_stats"]["blocks_held"]["SSD"] == held  # only what was saved after the reset
+        serve_bounded(again, prompts, expected)
 
 
 def test_ssd_directory_removed_while_serving(tiny_model, reference, prompts, expected, tmp_path, clean_shm):
