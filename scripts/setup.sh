@@ -25,7 +25,7 @@ pip_install() { "$PY" -m pip install --progress-bar off -q "$@"; }
 
 install_debian_packages() {
   local missing=()
-  for pkg in redis-server etcd-server nats-server fio libibverbs1 iproute2; do
+  for pkg in redis-server etcd-server nats-server fio libibverbs1 iproute2 fuse3 libfuse3-3; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
