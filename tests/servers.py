@@ -22,7 +22,10 @@ os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
 
 
 def master_argv(port: int, host: str = "127.0.0.1") -> list[str]:
-    return [MOONCAKE_MASTER, f"-rpc_port={port}", f"-rpc_address={host}", "-logtostderr"]
+    # The master's admin/metrics server defaults to 0.0.0.0:9003: give each master its own port,
+    # on the master's address, so two masters (two test sessions) never collide.
+    return [MOONCAKE_MASTER, f"-rpc_port={port}", f"-rpc_address={host}", f"-metrics_host={host}",
+            f"-metrics_port={free_port()}", "-logtostderr"]
 
 
 def answers(port: int) -> bool:

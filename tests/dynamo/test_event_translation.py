@@ -112,7 +112,7 @@ def test_router_update_count_merges_runs_of_removals():
 def test_a_block_never_announced_leaves_without_an_event():
     """Blocks restored from disk without recorded tokens are never announced; their eviction must
     not send the router a BlockRemoved for something it never saw."""
-    translator = EventTranslator(BLOCK)
+    translator = EventTranslator(BLOCK, MEDIA)
     keys = chain(3, b"disk")
     assert translator.translate([Stored("SSD", tuple(keys), (None, *keys[:-1]))]) == []
     assert translator.translate([Removed("SSD", tuple(keys[1:]))]) == []
@@ -125,7 +125,7 @@ def test_a_block_never_announced_leaves_without_an_event():
 
 
 def test_events_carry_the_lora_adapter_like_vllms_own():
-    translator = EventTranslator(BLOCK)
+    translator = EventTranslator(BLOCK, MEDIA)
     base, adapted = chain(2, b"base"), chain(2, b"lora")
     translator.remember(base, [tokens(0), tokens(1)])
     translator.remember(adapted, [tokens(0), tokens(1)], lora=(7, "sql-adapter"))
