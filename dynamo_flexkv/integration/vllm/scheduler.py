@@ -75,11 +75,6 @@ class SchedulerSide:
             self._release_match(request_id)
             return 0, False
         plan = self.engine.prepare_load(request_id, keys[:hits], first_parent)  # replaces an earlier match
-        if plan is not None and self.layerwise and not plan.staged:
-            # Computed in this very step: leave vLLM at least one prompt token to compute.
-            most = (request.num_tokens - 1) // self.block_size - first
-            if len(plan.keys) > most:
-                plan = self.engine.prepare_load(request_id, plan.keys[:most], first_parent) if most > 0 else None
         if plan is None:
             self._release_match(request_id)
             return 0, False
@@ -87,7 +82,14 @@ class SchedulerSide:
             self._remember_tokens(request, [first + s.index for s in plan.staged], [plan.keys[s.index] for s in plan.staged])
         self._matched[request_id] = (first, plan)
         load_async = bool(plan.staged) or not self.layerwise
-        return len(plan.keys) * self.block_size, load_async
+        tokens = len(plan.keys) * self.block_size
+        if not load_async:
+            # Computed in this very step, vLLM needs one token to compute (it samples the next one
+            # from it): offer all but the last; the last block is still loaded whole and vLLM
+            # rewrites that token's KV into it. An async full hit may offer every token: vLLM then
+            # recomputes the last one itself (Scheduler._update_waiting_for_remote_kv).
+            tokens = min(tokens, request.num_tokens - 1 - first * self.block_size)
+        return tokens, load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         request_id = request.request_id
@@ -98,12 +100,13 @@ class SchedulerSide:
             self.engine.cancel_load(request_id)
             return
         first, plan = matched
-        count = num_external_tokens // self.block_size
+        count = -(-num_external_tokens // self.block_size)  # a partial last block is loaded whole
         if count < len(plan.keys):  # vLLM took less than offered: lock only what will be loaded
             first_parent = request.block_hashes[first - 1] if first else None
             plan = self.engine.prepare_load(request_id, plan.keys[:count], first_parent)
         block_ids = tuple(blocks.get_block_ids()[0][first : first + count])
-        self.loaded_tokens += count * self.block_size
+        # tokens vLLM will not compute (a full-prompt async hit still recomputes its last one)
+        self.loaded_tokens += min(num_external_tokens, request.num_tokens - 1 - first * self.block_size)
         if plan.staged:
             self._loading[request_id] = plan
             self.tiers.stage(plan)
