@@ -9,9 +9,14 @@ schedule no tokens, where vLLM 0.26 never calls `wait_for_save`:
   is awaited up front instead — slower, never wrong.
 - *async loads* (hits not loaded in-step, or staged from SSD): the request waits outside the batch
   until `get_finished` reports them.
-- *saves* (finished requests, whose blocks no forward writes any more): ordered after the work
-  already queued; vLLM keeps the GPU blocks until `get_finished` reports them. A save that is never
+- *saves* (full blocks computed by earlier steps, of running or finished requests; no forward
+  writes them any more): ordered after the work already queued. Each is reported by its save id in
+  the `FlexKVWorkerReport`; a finished request's GPU blocks are held by vLLM (`hold`) until none of
+  its saves is in flight, then `get_finished` reports the request as sent. A save that is never
   started would hold its GPU blocks forever, and a full cache would then never schedule again.
+- *preemption saves* (requests vLLM preempted in this step, whose freed blocks this very step may
+  reuse): started and awaited in `handle_preemptions`, which vLLM calls before anything of the step
+  touches the cache; earlier saves of those requests still in flight are awaited there too.
 `get_finished` (called at the end of every step) closes the step's layer-wise loads and reports
 finished transfers. A failed load reports its blocks as load errors, so vLLM recomputes them; a failed
 save is reported back so the scheduler releases the slots unannounced.
@@ -74,6 +79,8 @@ class WorkerSide:
         self._hooks_seen = False
         self._load_errors: set[int] = set()
         self._report = FlexKVWorkerReport()
+        self._held: set[str] = set()  # finished requests whose blocks vLLM keeps for our saves
+        self._preemptions_handled: FlexKVStepMetadata | None = None
         self.stats = FlexKVStats()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -96,9 +103,26 @@ class WorkerSide:
 
     # --- per step --------------------------------------------------------------------------------
 
+    def handle_preemptions(self, metadata: FlexKVStepMetadata) -> None:
+        """Save what preempted requests computed, and let every save of theirs land, before this
+        step reuses their blocks."""
+        self._preemptions_handled = metadata
+        for job in metadata.preemption_saves:
+            self._start_save(job)
+        preempted = set(metadata.preempted)
+        for t in self._in_flight:
+            if t.kind == "save" and t.job.request_id in preempted and t.handle is not None:
+                t.handle.wait()
+
+    def _start_save(self, job: BlockTransfer) -> None:
+        handle = self._start(job, "save", lambda: start_save(self.copier, job.block_ids, job.slots))
+        self._in_flight.append(_InFlight(job, "save", handle))
+
     def start_step(self, metadata: FlexKVStepMetadata) -> None:
         """Start every transfer of this step: layer-wise loads first (this forward waits for them),
         then loads between steps, then saves."""
+        if self._preemptions_handled is not metadata:  # an engine that never calls the hook
+            self.handle_preemptions(metadata)
         copier = self.copier
         for job in metadata.layerwise_loads:
             load = self._start(job, "load", lambda job=job: start_layerwise_load(copier, job.slots, job.block_ids))
@@ -110,8 +134,8 @@ class WorkerSide:
             handle = self._start(job, "load", lambda job=job: start_load(copier, job.slots, job.block_ids))
             self._in_flight.append(_InFlight(job, "load", handle))
         for job in metadata.saves:
-            handle = self._start(job, "save", lambda job=job: start_save(copier, job.block_ids, job.slots))
-            self._in_flight.append(_InFlight(job, "save", handle))
+            self._start_save(job)
+        self._held.update(metadata.hold)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._hooks_seen = True
@@ -154,13 +178,16 @@ class WorkerSide:
                     self._report.failed_loads.add(request_id)
                     self.stats.add("failed_loads", 1)
             else:
-                saved.add(request_id)
+                self._report.saves_done[t.job.save_id] = 1
                 if ok:
                     self.stats.add("saved_bytes", t.handle.nbytes)
                 else:
-                    self._report.failed_saves.add(request_id)
+                    self._report.failed_saves.add(t.job.save_id)
                     self.stats.add("failed_saves", 1)
         self._in_flight = still
+        saving = {t.job.request_id for t in still if t.kind == "save"}
+        saved = self._held - saving
+        self._held -= saved
         return saved, loaded
 
     def take_load_errors(self) -> set[int]:
@@ -169,7 +196,7 @@ class WorkerSide:
 
     def take_report(self) -> FlexKVWorkerReport | None:
         report = self._report
-        if not (report.failed_loads or report.failed_saves or report.done_layerwise):
+        if not (report.failed_loads or report.failed_saves or report.done_layerwise or report.saves_done):
             return None
         self._report = FlexKVWorkerReport()
         return report
