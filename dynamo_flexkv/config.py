@@ -185,7 +185,9 @@ class FlexKVSettings(BaseModel):
     )
     enable_metrics: bool = Field(
         True,
-        description="Collect and export offload metrics (hits per tier, bytes moved, latencies).",
+        description="Collect and export offload metrics (`vllm:flexkv_*`: lookups, hits and misses "
+        "per tier, bytes moved, copy times and sizes; docs/dynamo.md lists them with their vLLM "
+        "native `vllm:kv_offload_*` equivalents).",
     )
     ssd_cache_gb: float = _gb_field(
         0.0,

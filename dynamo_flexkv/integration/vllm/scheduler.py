@@ -23,6 +23,7 @@ class translates vLLM's requests and block ids to keys and slots.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,8 @@ class SchedulerSide:
         self.computed_tokens = 0  # tokens vLLM scheduled for computing, since start
         self.preemptions = 0  # preempted requests seen, since start
         self._reported = self.engine.snapshot()
+        self._reported_io = self._tier_io()
+        self._stats = FlexKVStats()  # lookups and allocation failures since the last take_stats
         # request id -> (first block index of the hit, its locked plan), awaiting allocation
         self._matched: dict[str, tuple[int, LoadPlan]] = {}
         self._loading: dict[str, LoadPlan] = {}  # loads between steps, reported by vLLM
@@ -93,10 +96,14 @@ class SchedulerSide:
         first = num_computed_tokens // self.block_size
         keys = request.block_hashes[first:]
         first_parent = request.block_hashes[first - 1] if first else None
+        started = time.perf_counter()
         hits = self.tiers.lookup(request_id, keys, first_parent)
+        self._stats.observe("lookup_seconds", time.perf_counter() - started)
         if hits is None:  # a shared tier is being asked: vLLM asks again in a later step
             self._release_match(request_id)
             return None, False
+        self._stats.add("query_tokens", len(keys) * self.block_size)
+        self._stats.add("miss_tokens", (len(keys) - hits) * self.block_size)
         if hits == 0:
             self._release_match(request_id)
             return 0, False
@@ -185,9 +192,13 @@ class SchedulerSide:
         plan = self.engine.prepare_store(save_id, keys, parents)
         # Blocks the tier now holds or is writing need no later save; a block that found no slot
         # (or whose parent is not in the tier yet) is tried again in a later step.
-        state_of = self.engine.tiers[0].state_of
-        while tracked.next_block < end and state_of(request.block_hashes[tracked.next_block]) is not None:
+        top = self.engine.tiers[0]
+        while tracked.next_block < end and top.state_of(request.block_hashes[tracked.next_block]) is not None:
             tracked.next_block += 1
+        if tracked.next_block < end:  # a block was left out: no slot, or its parent is still being written
+            parent = request.block_hashes[tracked.next_block - 1] if tracked.next_block else None
+            if parent is None or top.is_ready(parent) or (plan is not None and parent in plan.keys):
+                self._stats.add("allocation_failures", 1)
         if plan is None:
             return None
         position = {key: start + i for i, key in enumerate(keys)}
@@ -315,20 +326,35 @@ class SchedulerSide:
         logger.info("cache reset: every unlocked block dropped")
         return True
 
+    def _tier_io(self) -> dict[str, tuple[int, int]]:
+        """Bytes each lower tier's backend has read and written so far."""
+        return {b.name: (getattr(b.stats, "bytes_read", 0), getattr(b.stats, "bytes_written", 0))
+                for b in self.tiers.backends}
+
     def take_stats(self) -> FlexKVStats | None:
-        """Hits and evictions since the last call, and the blocks each tier holds now."""
+        """Lookups, hits, stores, evictions and lower-tier I/O since the last call, and the blocks
+        each tier holds now."""
         now, before = self.engine.snapshot(), self._reported
-        self._reported = now
-        stats = FlexKVStats()
+        io_now, io_before = self._tier_io(), self._reported_io
+        self._reported, self._reported_io = now, io_now
+        stats, self._stats = self._stats, FlexKVStats()
         for tier, held in now.blocks_held.items():
-            hits = now.hit_blocks[tier] - before.hit_blocks[tier]
-            evicted = now.evicted_blocks[tier] - before.evicted_blocks[tier]
-            if hits:
-                stats.add(f"hit_tokens:{tier}", hits * self.block_size)
-            if evicted:
-                stats.add(f"evicted_blocks:{tier}", evicted)
-            if held != before.blocks_held[tier] or hits or evicted:
+            changed = False
+            for name, counts, scale in (("hit_tokens", "hit_blocks", self.block_size),
+                                        ("stored_blocks", "stored_blocks", 1),
+                                        ("evicted_blocks", "evicted_blocks", 1)):
+                delta = getattr(now, counts)[tier] - getattr(before, counts)[tier]
+                if delta:
+                    stats.add(f"{name}:{tier}", delta * scale)
+                    changed = True
+            if held != before.blocks_held[tier] or changed:
                 stats.data[f"held_blocks:{tier}"] = held
+        for tier, (read, written) in io_now.items():
+            was_read, was_written = io_before.get(tier, (0, 0))
+            if read > was_read:
+                stats.add(f"tier_read_bytes:{tier}", read - was_read)
+            if written > was_written:
+                stats.add(f"tier_written_bytes:{tier}", written - was_written)
         return None if stats.is_empty() else stats
 
     @property

@@ -25,6 +25,7 @@ save is reported back so the scheduler releases the slots unannounced.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,6 @@ from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout
 from dynamo_flexkv.transfer.copier import BlockCopier, make_copier
 from dynamo_flexkv.transfer.layerwise import (
-    LayerwiseLoad,
     TransferHandle,
     start_layerwise_load,
     start_load,
@@ -51,6 +51,8 @@ class _InFlight:
     job: BlockTransfer
     kind: str  # "load" or "save"
     handle: TransferHandle | None  # None: it failed to start
+    started: float  # time.perf_counter() when it was started
+    landed: float | None  # when it was seen landed (None: not yet)
 
 
 def _finished_ok(handle: TransferHandle | None) -> bool:
@@ -75,7 +77,7 @@ class WorkerSide:
         self.copier: BlockCopier | None = None
         self._layer_index: dict[str, int] = {}
         self._in_flight: list[_InFlight] = []
-        self._layerwise: list[tuple[BlockTransfer, LayerwiseLoad | None]] = []
+        self._layerwise: list[_InFlight] = []  # handles are LayerwiseLoads
         self._hooks_seen = False
         self._load_errors: set[int] = set()
         self._report = FlexKVWorkerReport()
@@ -94,12 +96,22 @@ class WorkerSide:
             self.rank, len(layout.layer_names), layout.shard_bytes, type(self.copier).__name__, layout.device,
         )
 
-    def _start(self, job: BlockTransfer, kind: str, start) -> TransferHandle | None:
+    def _start(self, job: BlockTransfer, kind: str, start) -> _InFlight:
+        started = time.perf_counter()
         try:
-            return start()
+            handle = start()
         except Exception:  # e.g. a bad block id: fail this transfer, keep serving
             logger.exception("%s of request %s could not start", kind, job.request_id)
-            return None
+            return _InFlight(job, kind, None, started, None)
+        # a copy that completed inside start (CPU) is timed now, not when the step ends
+        return _InFlight(job, kind, handle, started, time.perf_counter() if handle.done() else None)
+
+    def _record(self, t: _InFlight) -> None:
+        """Bytes, duration and size of a transfer that landed."""
+        nbytes = t.handle.nbytes
+        self.stats.add("loaded_bytes" if t.kind == "load" else "saved_bytes", nbytes)
+        self.stats.add(f"{t.kind}_seconds", (t.landed or time.perf_counter()) - t.started)
+        self.stats.observe(f"{t.kind}_size_bytes", nbytes)
 
     # --- per step --------------------------------------------------------------------------------
 
@@ -115,8 +127,7 @@ class WorkerSide:
                 t.handle.wait()
 
     def _start_save(self, job: BlockTransfer) -> None:
-        handle = self._start(job, "save", lambda: start_save(self.copier, job.block_ids, job.slots))
-        self._in_flight.append(_InFlight(job, "save", handle))
+        self._in_flight.append(self._start(job, "save", lambda: start_save(self.copier, job.block_ids, job.slots)))
 
     def start_step(self, metadata: FlexKVStepMetadata) -> None:
         """Start every transfer of this step: layer-wise loads first (this forward waits for them),
@@ -126,13 +137,12 @@ class WorkerSide:
         copier = self.copier
         for job in metadata.layerwise_loads:
             load = self._start(job, "load", lambda job=job: start_layerwise_load(copier, job.slots, job.block_ids))
-            if load is not None and not self._hooks_seen:
-                load.wait_all()  # no per-layer hook seen yet: the forward must find every layer landed
-            self._layerwise.append((job, load))
+            if load.handle is not None and not self._hooks_seen:
+                load.handle.wait_all()  # no per-layer hook seen yet: the forward must find every layer landed
+            self._layerwise.append(load)
         for job in metadata.loads:
             self._load_errors.update(job.unavailable)
-            handle = self._start(job, "load", lambda job=job: start_load(copier, job.slots, job.block_ids))
-            self._in_flight.append(_InFlight(job, "load", handle))
+            self._in_flight.append(self._start(job, "load", lambda job=job: start_load(copier, job.slots, job.block_ids)))
         for job in metadata.saves:
             self._start_save(job)
         self._held.update(metadata.hold)
@@ -141,16 +151,17 @@ class WorkerSide:
         self._hooks_seen = True
         if self._layerwise:
             index = self._layer_index[layer_name]
-            for _, load in self._layerwise:
-                if load is not None:
-                    load.wait_layer(index)
+            for load in self._layerwise:
+                if load.handle is not None:
+                    load.handle.wait_layer(index)
 
     def _finish_layerwise_loads(self) -> None:
         """End of the step: the forward consumed them; record failures for vLLM to recompute."""
-        for job, load in self._layerwise:
+        for load in self._layerwise:
+            job = load.job
             self._report.done_layerwise.add(job.request_id)
-            if _finished_ok(load):
-                self.stats.add("loaded_bytes", load.nbytes)
+            if _finished_ok(load.handle):
+                self._record(load)
             else:
                 self._load_errors.update(job.block_ids)
                 self._report.failed_loads.add(job.request_id)
@@ -161,7 +172,7 @@ class WorkerSide:
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         self._finish_layerwise_loads()
-        saved, loaded = set(), set()
+        loaded = set()
         still = []
         for t in self._in_flight:
             if t.handle is not None and not t.handle.done():
@@ -172,7 +183,7 @@ class WorkerSide:
             if t.kind == "load":
                 loaded.add(request_id)
                 if ok:
-                    self.stats.add("loaded_bytes", t.handle.nbytes)
+                    self._record(t)
                 else:
                     self._load_errors.update(t.job.block_ids)
                     self._report.failed_loads.add(request_id)
@@ -180,7 +191,7 @@ class WorkerSide:
             else:
                 self._report.saves_done[t.job.save_id] = 1
                 if ok:
-                    self.stats.add("saved_bytes", t.handle.nbytes)
+                    self._record(t)
                 else:
                     self._report.failed_saves.add(t.job.save_id)
                     self.stats.add("failed_saves", 1)
