@@ -21,14 +21,16 @@ def flexkv_engine(tiny_model, **env: str) -> EngineHost:
                       env={"FLEXKV_CPU_CACHE_GB": "0.25", **env})
 
 
-def test_preempted_requests_resume_with_loaded_tokens(tiny_model, reference):
+@pytest.mark.parametrize("async_copies", ["0", "1"])
+def test_preempted_requests_resume_with_loaded_tokens(tiny_model, reference, async_copies):
     """Four requests that together need more blocks than vLLM's cache has: vLLM preempts some and
-    frees their blocks; their computed blocks are saved first and loaded when they resume."""
+    frees their blocks; their computed blocks are saved first and loaded when they resume. With
+    `cpu_async_copies` saves land a step later, as on a GPU."""
     rng = random.Random(21)
     prompts = [random_prompt(rng, 100) for _ in range(4)]
     max_tokens = 160  # 260 tokens = 9 blocks each: 36 blocks wanted, 24 in the cache
     want = reference.generate(prompts, max_tokens=max_tokens)
-    with flexkv_engine(tiny_model) as host:
+    with flexkv_engine(tiny_model, FLEXKV_CPU_ASYNC_COPIES=async_copies) as host:
         got = host.generate(prompts, max_tokens=max_tokens)
         state = host.flexkv_state()
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
