@@ -7,18 +7,34 @@ FlexKV loaded them), `computed_tokens` (tokens vLLM scheduled for computing) and
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
 from dynamo_flexkv.harness import EngineHost
+from dynamo_flexkv.integration.dynamo.kv_stream import KvEventStream, check_stream
+from dynamo_flexkv.integration.dynamo.processes import free_port
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
 
 pytestmark = pytest.mark.engine
 
 
-def flexkv_engine(tiny_model, **env: str) -> EngineHost:
-    return EngineHost(tiny_model, {**ENGINE, "kv_transfer_config": COMPAT_CONFIG},
-                      env={"FLEXKV_CPU_CACHE_GB": "0.25", **env})
+def flexkv_engine(tiny_model, events_endpoint: str | None = None, **env: str) -> EngineHost:
+    engine = {**ENGINE, "kv_transfer_config": COMPAT_CONFIG}
+    if events_endpoint is not None:
+        engine["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq",
+                                      "endpoint": events_endpoint}
+    return EngineHost(tiny_model, engine, env={"FLEXKV_CPU_CACHE_GB": "0.25", **env})
+
+
+def wait_for_cpu_blocks(stream: KvEventStream, count: int, timeout_s: float = 60):
+    """The router's view of the stream once the CPU tier announced `count` blocks (or the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rules = check_stream(stream.batches(), BLOCK)
+        if len(rules.held.get("CPU", ())) >= count or time.monotonic() > deadline:
+            return rules
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("async_copies", ["0", "1"])
@@ -53,13 +69,23 @@ def test_next_turn_of_a_chat_finds_the_previous_answer(tiny_model, reference, po
     [first] = reference.generate([question], max_tokens=answer_tokens)
     turn2 = question + first.token_ids + random_prompt(rng, 30)
     [want] = reference.generate([turn2], max_tokens=8)
-    with flexkv_engine(tiny_model, FLEXKV_SAVE_POLICY=policy) as host:
-        [answer] = host.generate([question], max_tokens=answer_tokens)
-        assert answer.token_ids == first.token_ids
-        push_out_of_gpu_cache(host, rng)
-        [got] = host.generate([turn2], max_tokens=8)
-    assert got.token_ids == want.token_ids
     # the KV of every token but the answer's last one was computed, in whole blocks
     with_answer = (len(question) + answer_tokens - 1) // BLOCK * BLOCK
     expected = with_answer if policy == "all" else len(question) // BLOCK * BLOCK
+    endpoint = f"tcp://*:{free_port()}"
+    stream = KvEventStream(endpoint)
+    try:
+        with flexkv_engine(tiny_model, endpoint, FLEXKV_SAVE_POLICY=policy) as host:
+            [answer] = host.generate([question], max_tokens=answer_tokens)
+            assert answer.token_ids == first.token_ids
+            # The CPU tier announced the blocks it saved mid-request, each chained to its parent
+            # and carrying the tokens vLLM's own GPU event gave that block.
+            rules = wait_for_cpu_blocks(stream, expected // BLOCK)
+            assert rules.problems == [] and stream.errors == []
+            assert len(rules.held.get("CPU", ())) == expected // BLOCK
+            push_out_of_gpu_cache(host, rng)
+            [got] = host.generate([turn2], max_tokens=8)
+    finally:
+        stream.close()
+    assert got.token_ids == want.token_ids
     assert got.flexkv_tokens == expected, got
