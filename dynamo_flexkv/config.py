@@ -70,10 +70,20 @@ CONFIG_PATH_ENV = "FLEXKV_CONFIG_PATH"
 OVERRIDES_NAME = "kv_connector_extra_config"
 
 EvictionPolicy = Literal["lru", "lfu", "fifo", "mru", "slru", "filo"]
+SsdIoEngine = Literal["auto", "threads", "uring"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 SavePolicy = Literal["all", "prompt", "finished"]
 EVICTION_POLICIES: tuple[str, ...] = typing.get_args(EvictionPolicy)
 LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
+
+MIN_TIER_GB = 4096 / GIB  # one page: anything smaller is a typo, not a cache (a block needs more)
+# Settings of FlexKV that dynamo-flexkv does not implement: accepted only when off, so FlexKV config
+# files and Dynamo's guide keep working; turned on, start-up fails saying why.
+_RETIRED = {
+    "enable_gds": "GPUDirect Storage is not supported by dynamo-flexkv (SSD blocks are staged through "
+                  "the CPU tier); unset it or set it to false",
+}
+_FALSE_WORDS = ("", "0", "false", "no", "off")
 
 _REMOTE_SCHEMES = ("mooncake", "redis")
 _PORT_SCHEMES = ("ipc://", "tcp://")
@@ -140,8 +150,8 @@ class FlexKVSettings(BaseModel):
         "Size of the CPU (host-memory) tier in GiB. FlexKV's Dynamo guide requires "
         "FLEXKV_CPU_CACHE_GB; here it defaults to 1.0 so the package works out of the box -- "
         "size it for production.",
-        gt=0,
-        allowed="a number > 0 (GiB; fractions such as 0.25 allowed)",
+        ge=MIN_TIER_GB,
+        allowed="a number of GiB, at least one 4 KiB page (0.0000039); fractions such as 0.25 allowed",
     )
     eviction_policy: EvictionPolicy = Field(
         "lru",
@@ -206,11 +216,6 @@ class FlexKVSettings(BaseModel):
             "x-default": "empty",
         },
     )
-    enable_gds: bool = Field(
-        False,
-        description="Move data between SSD and GPU with GPUDirect Storage instead of staging "
-        "through host memory.",
-    )
     ssd_io_threads: int = Field(
         8,
         ge=1,
@@ -224,6 +229,22 @@ class FlexKVSettings(BaseModel):
         le=1024,
         description="Most SSD I/O requests in flight at once.",
         json_schema_extra={"x-allowed": "an integer from 1 to 1024"},
+    )
+    ssd_io_engine: SsdIoEngine = Field(
+        "auto",
+        description="How SSD reads and writes are issued: threads (vectored syscalls on "
+        "ssd_io_threads threads), uring (one io_uring with ssd_queue_depth requests in flight; "
+        "needs the liburing==2024.5.3 binding, the [uring] extra) or auto (threads; see "
+        "docs/ssd-tier.md).",
+    )
+    ssd_io_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Longest an SSD read or write batch may take. A batch still pending then fails "
+        "(its blocks are recomputed) and the SSD tier is disabled: the disk is stuck.",
+        json_schema_extra={"x-allowed": "a number of seconds > 0 and <= 3600"},
     )
     remote_store: Optional[str] = Field(
         None,
@@ -322,7 +343,7 @@ class FlexKVSettings(BaseModel):
     # ---- field validators -----------------------------------------------------------------------
 
     @field_validator("cpu_cache_gb", "ssd_cache_gb", "remote_cache_gb", "ssd_io_threads",
-                     "ssd_queue_depth", mode="before")
+                     "ssd_queue_depth", "ssd_io_timeout_s", mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: Any) -> Any:
         # pydantic's lax mode would turn ``cpu_cache_gb: true`` into 1.0.
@@ -332,7 +353,7 @@ class FlexKVSettings(BaseModel):
             return value.strip()
         return value
 
-    @field_validator("eviction_policy", "save_policy", mode="before")
+    @field_validator("eviction_policy", "save_policy", "ssd_io_engine", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -419,6 +440,16 @@ class FlexKVSettings(BaseModel):
     @model_validator(mode="after")
     def _check_tiers(self) -> FlexKVSettings:
         problems: list[_Problem] = []
+        if 0 < self.ssd_cache_gb < MIN_TIER_GB:
+            problems.append(_Problem("ssd_cache_gb", "use 0 (off) or at least one 4 KiB page (0.0000039)",
+                                     self.ssd_cache_gb))
+        if self.ssd_io_engine == "uring":
+            from dynamo_flexkv.storage.ssd_io import uring_available
+
+            available, why = uring_available()
+            if not available:
+                problems.append(_Problem("ssd_io_engine", f"the io_uring engine cannot run here: {why}",
+                                         self.ssd_io_engine))
         if self.remote_cache_gb > 0 and self.remote_store is None:
             problems.append(_Problem("remote_cache_gb", "the remote tier needs {remote_store}",
                                      self.remote_cache_gb))
@@ -446,7 +477,11 @@ class FlexKVSettings(BaseModel):
                 problems.append(_Problem("ssd_cache_dir", f"{path} is not writable", dirs))
         if problems:
             return problems
-        # Free space: count each filesystem once even when several directories live on it.
+        from dynamo_flexkv.storage.ssd_claim import reclaimable_bytes
+
+        # Free space: count each filesystem once even when several directories live on it. Our own
+        # files from an earlier run (and those of identities nobody runs) are reused or reclaimed
+        # at start-up, so their space counts as free.
         free_by_dev: dict[int, int] = {}
         per_dir: list[str] = []
         for path in self.ssd_cache_dir:
@@ -457,7 +492,9 @@ class FlexKVSettings(BaseModel):
                 return [_Problem("ssd_cache_dir", f"cannot stat {path}: {exc.strerror or exc}",
                                  dirs)]
             free_by_dev.setdefault(dev, free)
-            per_dir.append(f"{path}: {free / GIB:.1f} GiB")
+            ours = reclaimable_bytes(path)
+            free_by_dev[dev] += ours
+            per_dir.append(f"{path}: {(free + ours) / GIB:.1f} GiB")
         total_free = sum(free_by_dev.values())
         shared = "; a shared filesystem counts once" if len(free_by_dev) < len(per_dir) else ""
         if self.ssd_cache_gb * GIB > total_free:
@@ -535,6 +572,28 @@ def _unknown_keys(mapping: Mapping[Any, Any], where: str) -> list[str]:
             for key in mapping if key not in SETTING_NAMES]
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        self.key, self.line = key, line
+
+
+def _unique_key_loader() -> type:
+    """PyYAML's SafeLoader, except that a mapping repeating a key is an error (not last-wins)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def _read_config_file(path: str) -> dict[Any, Any]:
     where = f"{CONFIG_PATH_ENV}={path!r}"
     try:
@@ -549,8 +608,16 @@ def _read_config_file(path: str) -> dict[Any, Any]:
     if path.lower().endswith(".json"):
         import json
 
+        def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [k for k, _ in pairs]
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:
+                raise ConfigError(f"{where}: key {twice[0]!r} appears more than once (which value did "
+                                  "you mean?)")
+            return dict(pairs)
+
         try:
-            data = json.loads(text) if text.strip() else None
+            data = json.loads(text, object_pairs_hook=unique) if text.strip() else None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
                               f"{exc.msg}") from None
@@ -558,7 +625,10 @@ def _read_config_file(path: str) -> dict[Any, Any]:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{where}: key {exc.key!r} appears more than once (line {exc.line}; "
+                              "which value did you mean?)") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -591,7 +661,15 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
         values[field] = value
         origins[field] = source
 
+    def retired(mapping: Mapping[Any, Any], source: _Source) -> dict[Any, Any]:
+        """`mapping` without the retired settings; a retired one that is on is a problem."""
+        for field, why in _RETIRED.items():
+            if field in mapping and str(mapping[field]).strip().lower() not in _FALSE_WORDS:
+                problems.append(f"{source.describe(field, mapping[field])} is invalid: {why}")
+        return {k: v for k, v in mapping.items() if k not in _RETIRED}
+
     env_source = _Source("env")
+    retired({f: env[env_var_name(f)] for f in _RETIRED if env_var_name(f) in env}, env_source)
     for field in SETTING_NAMES:
         raw = env.get(env_var_name(field))
         if raw is not None and raw.strip():
@@ -600,9 +678,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     config_path = (env.get(CONFIG_PATH_ENV) or "").strip()
     if config_path:
         config_path = os.path.expanduser(config_path)
-        file_values = _read_config_file(config_path)
-        problems += _unknown_keys(file_values, f"{config_path} ({CONFIG_PATH_ENV})")
         file_source = _Source("file", config_path)
+        file_values = retired(_read_config_file(config_path), file_source)
+        problems += _unknown_keys(file_values, f"{config_path} ({CONFIG_PATH_ENV})")
         for key, value in file_values.items():
             if key in SETTING_NAMES:
                 put(key, value, file_source)
@@ -611,8 +689,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
         if not isinstance(overrides, Mapping):
             raise ConfigError(f"{OVERRIDES_NAME} must be a mapping of setting names to values, "
                               f"not a {type(overrides).__name__}")
-        problems += _unknown_keys(overrides, OVERRIDES_NAME)
         override_source = _Source("override")
+        overrides = retired(overrides, override_source)
+        problems += _unknown_keys(overrides, OVERRIDES_NAME)
         for key, value in overrides.items():
             if key in SETTING_NAMES:
                 put(key, value, override_source)

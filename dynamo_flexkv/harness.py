@@ -81,12 +81,20 @@ class EngineHost:
         raw = self.call("generate", timeout_s, prompts=prompts, max_tokens=max_tokens, one_at_a_time=one_at_a_time)
         return [Completion(**r) for r in raw]
 
+    def call_async(self, command: str, **args: Any) -> None:
+        """Send a command without waiting for its answer (e.g. to kill the engine while it runs)."""
+        self._conn.send({"command": command, **args})
+
     def flexkv_state(self) -> dict[str, Any]:
         return self.call("flexkv_state")
 
     def cpu_resident_blocks(self, prompts: list[list[int]]) -> list[int]:
         """For each prompt, how many of its leading full blocks the FlexKV CPU tier holds ready."""
         return self.call("cpu_resident_blocks", prompts=prompts)
+
+    def reset_cache(self) -> bool:
+        """vLLM's prefix-cache reset, connectors included."""
+        return self.call("reset_cache")
 
     def drain(self) -> None:
         """Step the engine until its connector (FlexKV or another) has no load or save in flight."""
@@ -151,7 +159,9 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str |
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     connector = scheduler.connector
-    side = getattr(connector, "_scheduler", None)
+    # FlexKV's scheduler side, also when it is a child of a MultiConnector/PdConnector.
+    children = getattr(connector, "sub_connectors", None) or getattr(connector, "_connectors", None) or [connector]
+    side = next((c._scheduler for c in children if getattr(c, "_scheduler", None) is not None), None)
     while True:
         message = conn.recv()
         command = message.pop("command")
@@ -172,6 +182,8 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str |
                 result = engine.reset_prefix_cache()
                 if not result:
                     raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
+            elif command == "reset_cache":  # what vLLM does e.g. after a weight update
+                result = engine.reset_prefix_cache(reset_connector=True)
             else:
                 raise ValueError(f"unknown command {command!r}")
             conn.send({"result": result})
@@ -240,6 +252,7 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
     tier = side.engine.tiers[0]
     state = {
         "connector": type(connector).__module__ + "." + type(connector).__name__,
+        "pool": side.identity,  # the /dev/shm name of its CPU tier
         "cpu_slots": tier.num_slots,
         "cpu_used": tier.num_used,
         "loaded_tokens": side.loaded_tokens,
@@ -250,4 +263,29 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
     for backend in side.tiers.backends:
         tier = {"healthy": backend.healthy, "reason": backend.degraded_reason}
         state[backend.name.lower()] = {**tier, **vars(backend.stats)}
+    state["accounting"] = _accounting(side)
     return state
+
+
+def _accounting(side) -> dict[str, Any]:
+    """Whether the index agrees with itself and with what each healthy local lower tier holds."""
+    problems = []
+    for tier in side.engine.tiers:
+        try:
+            tier.verify()
+        except AssertionError as exc:
+            problems.append(f"{tier.name}: {exc}")
+    indexes = {tier.name: tier for tier in side.engine.tiers}
+    for backend in side.tiers.backends:
+        if backend.shared or not backend.healthy:
+            continue  # a shared tier's index is a cache of what the store holds, never the truth
+        # Every block the index holds must be in the tier at its address (its newest record); the tier
+        # may hold more (freed SSD slots keep their valid records until rewritten: see storage/ssd.py).
+        index = indexes[backend.name]
+        newest = {b.key: b.addr for b in backend.recover()}  # oldest write first: the newest wins
+        indexed = [(key, addr) for key, addr in newest.items() if index.is_ready(key)]
+        moved = [key.hex()[:16] for key, addr in indexed if int(index.slot_of(key)) != addr]
+        if moved or len(indexed) != index.num_used:
+            problems.append(f"{backend.name}: the index holds {index.num_used} blocks, {len(indexed)} of them "
+                            f"in the tier at their address (elsewhere: {moved[:4]})")
+    return {"problems": problems}

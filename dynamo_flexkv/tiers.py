@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -21,7 +21,7 @@ from dynamo_flexkv.index.engine import CacheEngine
 from dynamo_flexkv.index.plans import LoadPlan
 from dynamo_flexkv.index.policies import make_policy
 from dynamo_flexkv.index.tier import TierIndex
-from dynamo_flexkv.storage.backend import TierBackend, backend_scheme, completed, open_backend
+from dynamo_flexkv.storage.backend import RecoveredBlock, TierBackend, backend_scheme, completed, open_backend
 from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import PoolGeometry
 from dynamo_flexkv.transfer.tier_io import LowerTiers
@@ -60,7 +60,10 @@ def shared_tier_layout(layout: dict[str, str | int], setting: str) -> dict[str, 
     seed, so engines whose hashes differ never read each other's values."""
     require_shared_hashes(str(layout.get("hash_algo", "")), setting)
     seed = os.environ.get("PYTHONHASHSEED")
-    return {**layout, "hash_seed": seed if seed is not None else "vllm-default"}
+    # The weights' fingerprint names this host's files (paths, mtimes): engines of one model on
+    # different nodes must still agree; revision, quantization and model config stay in the namespace.
+    shared = {key: value for key, value in layout.items() if key != "weights"}
+    return {**shared, "hash_seed": seed if seed is not None else "vllm-default"}
 
 
 class SharedLookups:
@@ -154,10 +157,13 @@ class TierStack:
                     backend.close()
                 raise
             self.io = LowerTiers({b.name: b for b in self.backends}, pool)
+        # blocks found from an earlier run, per tier: the scheduler announces those with tokens
+        self.recovered: dict[str, list[RecoveredBlock]] = {}
         for backend in self.backends:
             found = backend.recover()
-            if found:
-                self.engine.restore(backend.name, found)
+            if found:  # with their parents: chains stay intact for eviction
+                self.engine.restore(backend.name, [(b.key, b.addr, b.parent) for b in found])
+                self.recovered[backend.name] = found
             logger.info("tier %s: %d addresses, %d blocks found from an earlier run", backend.name,
                         backend.num_slots, len(found))
         shared = [b for b in self.backends if b.shared]
@@ -182,16 +188,29 @@ class TierStack:
     def stage(self, plan: LoadPlan) -> None:
         self.io.stage(plan)
 
-    def advance(self) -> list[tuple[str, int]]:
-        """Acknowledge finished stagings and spills, start new spills. Returns (request id, how many
-        leading blocks of its load are usable) for every staging that finished."""
+    def advance(self, tokens_of: Callable[[Sequence[bytes]], list[Sequence[int]]] | None = None) -> list[tuple[str, int]]:
+        """Acknowledge finished stagings and spills, start new spills (`tokens_of` gives the blocks'
+        tokens a persistent tier records). Returns (request id, how many leading blocks of its load
+        are usable) for every staging that finished."""
         if self.io is None:
             return []
         staged = [(rid, self.engine.complete_stage(rid, ok)) for rid, ok in self.io.finished_stages()]
         for spill_id, ok in self.io.finished_spills():
             self.engine.complete_spill(spill_id, ok)
-        self.io.spill(self.engine.take_spills())
+        self.io.spill(self.engine.take_spills(), tokens_of)
+        self.refresh_writable()
         return staged
+
+    def refresh_writable(self) -> None:
+        """Plan no spill into a tier that takes no writes now (commits plan spills)."""
+        self.engine.unwritable = {b.name for b in self.backends if not b.writable}
+
+    def reset(self) -> None:
+        """Drop every unlocked block from every tier, on disk too: after a weight update no stored KV
+        may be served, not even after a restart."""
+        self.engine.reset()
+        for backend in self.backends:
+            backend.invalidate_all()
 
     @property
     def num_pending(self) -> int:

@@ -1,17 +1,25 @@
-"""Build a tiny Llama model and tokenizer offline, for the demo and the tests.
+"""Build small Llama models and their tokenizer offline: the tests' tiny model and the demo's model.
 
-No model hub is reachable from CI, so the model is made here in seconds: a byte-level BPE tokenizer
+No model hub is reachable from CI, so the models are made here in seconds: a byte-level BPE tokenizer
 trained on a seeded synthetic corpus (every byte stays encodable) with a ChatML chat template, and a
-2-layer `LlamaForCausalLM` with random bf16 weights under a fixed seed. Same inputs, same model.
+`LlamaForCausalLM` with random bf16 weights under a fixed seed. Same inputs, same model.
 
-Usage: python -m dynamo_flexkv.tiny_model OUTPUT_DIR
+- `TINY` (2 layers, 128 wide): the tests' model; a whole prompt is recomputed in milliseconds.
+- `DEMO` (4 layers, 1024 wide, grouped-query attention, float32): big enough that prefill dominates
+  a request on a CPU — a 2k-token prompt costs hundreds of milliseconds on 2 cores — so a KV cache has
+  something to save, yet built in seconds and small in memory (~0.2 GiB of weights, 16 KiB of KV per
+  token). Float32, because a random model's greedy answers flip on bf16 rounding: a prompt whose KV
+  was loaded must give the same answer as one recomputed in a different batch shape.
+
+Usage: python -m dynamo_flexkv.tiny_model [--demo] OUTPUT_DIR
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 VOCAB_SIZE = 1024
@@ -69,45 +77,85 @@ def build_tokenizer(out: Path) -> int:
     return len(fast)
 
 
-def build_model(out: Path, vocab_size: int) -> None:
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 64  # CPU attention accepts 32..512 in the usual steps
+    dtype: str = "bfloat16"  # of the saved weights, and so of the engine's (`--dtype auto`) compute and KV
+
+    def parameters(self, vocab_size: int) -> int:
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate
+        return self.layers * (attention + mlp + 2 * self.hidden) + 2 * vocab_size * self.hidden + self.hidden
+
+    @classmethod
+    def of(cls, model_dir: Path) -> tuple[ModelShape, int]:
+        """The shape and vocabulary size of a Llama model saved in `model_dir` (from its config.json)."""
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        shape = cls(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
+                    intermediate=config["intermediate_size"], heads=config["num_attention_heads"],
+                    kv_heads=config["num_key_value_heads"], head_dim=config.get("head_dim", 64),
+                    dtype=config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+        return shape, config["vocab_size"]
+
+    @property
+    def dtype_bytes(self) -> int:
+        return {"bfloat16": 2, "float32": 4}[self.dtype]
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+
+TINY = ModelShape(layers=2, hidden=128, intermediate=256, heads=2, kv_heads=2)
+DEMO = ModelShape(layers=4, hidden=1024, intermediate=2816, heads=16, kv_heads=8, dtype="float32")
+
+
+def build_model(out: Path, vocab_size: int, shape: ModelShape = TINY) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
         bos_token_id=0,
         eos_token_id=2,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        torch_dtype=shape.dtype,
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(getattr(torch, shape.dtype))
     # Wider logits than the default init make greedy decoding decisive (fewer near-ties).
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(out, safe_serialization=True)
 
 
-def build(out_dir: str | Path) -> Path:
+def build(out_dir: str | Path, shape: ModelShape = TINY) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
-    build_model(out, vocab)
+    build_model(out, vocab, shape)
     return out
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m dynamo_flexkv.tiny_model OUTPUT_DIR")
-    print(f"tiny model written to {build(sys.argv[1])}")
+    parser = argparse.ArgumentParser(prog="python -m dynamo_flexkv.tiny_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", action="store_true", help="the demo's model (DEMO) instead of the tests' (TINY)")
+    parser.add_argument("output_dir", type=Path)
+    args = parser.parse_args()
+    shape = DEMO if args.demo else TINY
+    print(f"{'demo' if args.demo else 'tiny'} model ({shape}) written to {build(args.output_dir, shape)}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ trap 'echo Cleaning up...; kill 0' EXIT
 banner "Aggregated serving + FlexKV + KV routing (2 workers)"
 unset FLEXKV_SERVER_RECV_PORT  # one value for both workers would make them share an identity
 
+# KV events carry prompt tokens: by default each worker publishes on a Unix socket in a private
+# directory (vLLM binds TCP only on all interfaces). Set KV_EVENTS_ENDPOINT1/2 to a TCP endpoint to publish
+# over TCP, and firewall those ports.
+EVENTS_DIR="$(mktemp -d /tmp/dynamo-flexkv-kv-events-XXXXXX)"  # mode 0700
+
 events_config() {
   echo "{\"publisher\":\"zmq\",\"topic\":\"kv-events\",\"endpoint\":\"$1\",\"enable_kv_cache_events\":true}"
 }
@@ -26,7 +31,7 @@ DYN_SYSTEM_PORT=${DYN_SYSTEM_PORT1:-8081} \
 CUDA_VISIBLE_DEVICES=${DEVICES1:-0} \
   $PYTHON -m dynamo_flexkv.vllm --model "$MODEL" $WORKER_ARGS \
     --connector flexkv \
-    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT1:-tcp://*:20080}")" &
+    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT1:-ipc://$EVENTS_DIR/worker1}")" &
 
 # Worker 2
 env ${FLEXKV_SERVER_RECV_PORT2:+FLEXKV_SERVER_RECV_PORT=$FLEXKV_SERVER_RECV_PORT2} \
@@ -36,6 +41,6 @@ DYN_SYSTEM_PORT=${DYN_SYSTEM_PORT2:-8082} \
 CUDA_VISIBLE_DEVICES=${DEVICES2:-1} \
   $PYTHON -m dynamo_flexkv.vllm --model "$MODEL" $WORKER_ARGS \
     --connector flexkv \
-    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT2:-tcp://*:20081}")" &
+    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT2:-ipc://$EVENTS_DIR/worker2}")" &
 
 wait_any_exit

@@ -27,6 +27,9 @@ export FLEXKV_REMOTE_METADATA_SERVER="http://$STORE_HOST:$MOONCAKE_HTTP_PORT/met
 export FLEXKV_REMOTE_CACHE_GB="${FLEXKV_REMOTE_CACHE_GB:-4}"
 banner "Cluster tier on Mooncake Store ($ROLE, store $FLEXKV_REMOTE_STORE)"
 
+# KV events stay on this host: a Unix socket in a private directory (vLLM binds TCP only on all
+# interfaces); set KV_EVENTS_ENDPOINT1 to a TCP endpoint to publish them wider.
+EVENTS_DIR="$(mktemp -d /tmp/dynamo-flexkv-kv-events-XXXXXX)"  # mode 0700
 events_config() {
   echo "{\"publisher\":\"zmq\",\"topic\":\"kv-events\",\"endpoint\":\"$1\",\"enable_kv_cache_events\":true}"
 }
@@ -50,6 +53,6 @@ FLEXKV_CPU_CACHE_GB=$FLEXKV_CPU_CACHE_GB \
 DYN_SYSTEM_PORT=${DYN_SYSTEM_PORT1:-8081} \
   $PYTHON -m dynamo_flexkv.vllm --model "$MODEL" $WORKER_ARGS \
     --connector flexkv \
-    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT1:-tcp://*:20080}")" &
+    --kv-events-config "$(events_config "${KV_EVENTS_ENDPOINT1:-ipc://$EVENTS_DIR/worker1}")" &
 
 wait_any_exit

@@ -25,7 +25,7 @@ pip_install() { "$PY" -m pip install --progress-bar off -q "$@"; }
 
 install_debian_packages() {
   local missing=()
-  for pkg in redis-server etcd-server nats-server fio libibverbs1 iproute2; do
+  for pkg in redis-server etcd-server nats-server fio libibverbs1 iproute2 fuse3 libfuse3-3; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -133,9 +133,9 @@ install_this_package() {
   local want
   want=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)
   done_marker "package-$want" && return 0
-  step "pip: dynamo-flexkv (editable, with test extras)"
-  pip_install --no-build-isolation -e "$ROOT[test]" "torch==$TORCH_VERSION" 2>/dev/null \
-    || pip_install -e "$ROOT[test]" "torch==$TORCH_VERSION"
+  step "pip: dynamo-flexkv (editable, with test and demo extras)"
+  pip_install --no-build-isolation -e "$ROOT[test,demo]" "torch==$TORCH_VERSION" 2>/dev/null \
+    || pip_install -e "$ROOT[test,demo]" "torch==$TORCH_VERSION"
   rm -f "$STAMP_DIR"/package-*
   mark_done "package-$want"
 }

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny offline model."""
+"""Shared fixtures: the tiny offline model, and the reference engine (vLLM without any connector)
+that the integration and fault tests compare against (started once per session, when first used)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ def tiny_model() -> str:
         build(model_dir)
     return str(model_dir)
 
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model):
+    from dynamo_flexkv.harness import EngineHost
+    from tests.helpers import ENGINE
+
+    with EngineHost(tiny_model, ENGINE) as host:
+        yield host
 
 
 def pytest_collection_modifyitems(items):

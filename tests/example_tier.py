@@ -30,6 +30,7 @@ class MemoryTier:
     name = "MEMORY"
     medium = None  # a shared tier this instance cannot see evictions of: not announced
     shared = True
+    writable = True  # a write to an unreachable store fails fast as a miss
 
     def __init__(self, num_slots: int = 64):
         self.num_slots = num_slots
@@ -49,7 +50,9 @@ class MemoryTier:
     def degraded_reason(self) -> str | None:
         return "medium unreachable" if self.broken else None
 
-    def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes]) -> Future[IoResult]:
+    def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes],
+              parents=None, tokens=None) -> Future[IoResult]:
+        # parents/tokens are not kept: a shared tier is found by lookups, never recovered
         if self._closed or self.broken:
             return failed_io(len(keys))
         framing = self._framing(pool)
@@ -92,11 +95,14 @@ class MemoryTier:
         with self._lock:
             return completed([not self.broken and bytes(k) in self.values for k in keys])
 
-    def recover(self) -> list[tuple[bytes, int, bytes | None]]:
+    def recover(self) -> list:
         return []  # the store outlives us; its blocks are found by lookup, not at start-up
 
     def invalidate(self, addrs: Sequence[int]) -> None:
         pass  # keyed and shared: the store decides what to evict
+
+    def invalidate_all(self) -> None:
+        pass  # values are namespaced by the model; the index drops this instance's view
 
     def close(self) -> None:
         self._closed = True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from pathlib import Path
 
 from dynamo_flexkv.harness import EngineHost
 
@@ -33,3 +36,24 @@ COMPAT_CONFIG = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both"}
 def push_out_of_gpu_cache(host: EngineHost, rng: random.Random) -> None:
     """Run unrelated prompts that fill vLLM's small cache twice over."""
     host.generate([random_prompt(rng, GPU_BLOCKS * BLOCK // 2) for _ in range(4)], max_tokens=2, one_at_a_time=True)
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dynamo-flexkv.json"
+
+
+def dashboard_metric_names(path: Path = DASHBOARD) -> dict[str, set[str]]:
+    """Panel title -> the metric names its PromQL expressions read."""
+    panels = json.loads(path.read_text())["panels"]
+    return {p["title"]: {name for t in p.get("targets", []) for name in re.findall(r"vllm:[a-z_:]+", t["expr"])}
+            for p in panels}
+
+
+def exposed_metric_names(metrics_text: str) -> set[str]:
+    """Metric names a Prometheus /metrics page exposes, with or without samples yet (a labelled counter
+    that never counted has only its `# TYPE` line); counters under both their family and `_total` names."""
+    names = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{|\s)", metrics_text, re.M))
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", metrics_text, re.M):
+        names.add(name)
+        if kind == "counter" and not name.endswith("_total"):
+            names.add(f"{name}_total")
+    return names

@@ -69,6 +69,9 @@ class CacheEngine:
         self._spills: dict[int, SpillPlan] = {}
         self._new_spills: list[SpillPlan] = []
         self._spill_ids = itertools.count(1)
+        # Lower tiers that cannot take writes now (a degraded disk): no spill is planned into them,
+        # since planning evicts readable blocks there for writes that would fail.
+        self.unwritable: set[str] = set()
         zero = dict.fromkeys(names, 0)
         self._stats = EngineStats(
             hit_blocks=dict(zero),
@@ -329,6 +332,8 @@ class CacheEngine:
         dst = self._tiers[1] if dst_tier is None else self._by_name[dst_tier]
         if dst is src:
             raise ValueError(f"cannot spill tier {src.name} into itself")
+        if dst.name in self.unwritable:
+            return None
         new_keys: list[bytes] = []
         new_parents: list[bytes | None] = []
         for key, parent in zip(keys, parents, strict=True):
@@ -384,8 +389,9 @@ class CacheEngine:
         return len(slots)
 
     def restore(self, tier: str, blocks: Sequence[tuple[bytes, int, bytes | None]]) -> None:
-        """Re-admit blocks a lower tier found on restart (not announced: their tokens are unknown
-        here; they are announced when staged up)."""
+        """Re-admit blocks a lower tier found on restart, with their parents. No event is recorded:
+        tokens are not the index's business; the scheduler announces the blocks whose tokens the
+        lower tier recorded."""
         self._by_name[tier].restore(blocks)
 
     # ---- whole cache ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ import importlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -43,12 +43,26 @@ class IoResult:
     bytes: int  # bytes moved by the blocks that succeeded
 
 
+class RecoveredBlock(NamedTuple):
+    """A block a tier kept from an earlier run."""
+
+    key: bytes
+    addr: int
+    parent: bytes | None  # None: a chain head, or written without its parent
+    tokens: tuple[int, ...]  # empty when written without tokens (then it cannot be announced)
+
+
 @runtime_checkable
 class TierBackend(Protocol):
     name: str  # the index tier's name ("SSD", "MOONCAKE", ...): unique in an instance
     medium: str | None  # KV-event medium announced to the router; None: not announced
     shared: bool  # other instances write it too: existence must be asked (`lookup`)
     num_slots: int  # addresses the tier's index may hand out (a capacity or, if shared, a view size)
+
+    @property
+    def writable(self) -> bool:
+        """False while the tier takes no writes (a disk that failed a write): no spill is planned into
+        it, since planning would evict readable blocks there for writes that cannot land."""
 
     @property
     def healthy(self) -> bool: ...
@@ -60,9 +74,11 @@ class TierBackend(Protocol):
     def stats(self) -> Any:
         """A dataclass of counters (blocks and bytes moved, failures), shown by diagnostics."""
 
-    def write(self, pool: torch.Tensor, pool_slots: Sequence[int], addrs: Sequence[int],
-              keys: Sequence[bytes]) -> Future[IoResult]:
-        """CPU pool rows -> the tier. A block is readable only after its future reports it ok."""
+    def write(self, pool: torch.Tensor, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes],
+              parents: Sequence[bytes | None] | None = None,
+              tokens: Sequence[Sequence[int]] | None = None) -> Future[IoResult]:
+        """CPU pool rows -> the tier. A block is readable only after its future reports it ok. A tier
+        that outlives the process keeps `parents` and `tokens` (empty: unknown) for `recover`."""
 
     def read(self, pool: torch.Tensor, addrs: Sequence[int], pool_slots: Sequence[int],
              keys: Sequence[bytes]) -> Future[IoResult]:
@@ -71,11 +87,16 @@ class TierBackend(Protocol):
     def lookup(self, keys: Sequence[bytes]) -> Future[list[bool]]:
         """Which keys the tier holds now (shared tiers; never raises, a failure answers False)."""
 
-    def recover(self) -> list[tuple[bytes, int, bytes | None]]:
-        """(key, address, parent or None) of blocks kept from an earlier run, oldest first."""
+    def recover(self) -> list[RecoveredBlock]:
+        """Blocks kept from an earlier run, oldest write first (a parent before its children)."""
 
     def invalidate(self, addrs: Sequence[int]) -> None:
         """Forget the blocks at these addresses (the index freed them)."""
+
+    def invalidate_all(self) -> None:
+        """A cache reset (e.g. the weights changed): nothing this instance stored may be served again,
+        not even after a restart. A shared store's values are namespaced by the model, so there it
+        only drops this instance's view."""
 
     def close(self) -> None:
         """Let in-flight work finish (bounded), release everything. Idempotent."""

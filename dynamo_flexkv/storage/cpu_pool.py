@@ -3,8 +3,13 @@
 The region is a file in /dev/shm named after the vLLM instance, so the scheduler process and every
 TP worker map the same bytes without any IPC handshake: whoever comes first creates it, the others
 open it. Each slot is `PoolGeometry.slot_bytes` long and starts at a page boundary (mmap'd), so a slot
-doubles as an O_DIRECT buffer for the SSD tier. Pages are committed lazily by the kernel on first
-touch, so a large `cpu_cache_gb` costs nothing until blocks are stored.
+doubles as an O_DIRECT buffer for the SSD tier.
+
+The whole pool is reserved in /dev/shm at start-up (`posix_fallocate`): a tmpfs that runs out of
+pages kills the process touching the page with SIGBUS, mid-serving, so a pool that does not fit
+(Docker's default /dev/shm is 64 MiB) must fail at start-up, with one line naming `cpu_cache_gb`,
+what is free and the fix. Pool files are private (see private_files.py): never a link, never another
+user's file, mode 0600.
 
 Every process that maps a pool holds a shared `flock` on it for as long as it lives. A pool file that
 nobody holds a lock on belongs to an instance that died without cleaning up (SIGKILL); the next
@@ -13,6 +18,7 @@ instance to start removes it, so killed engines never leak host memory for long.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import mmap
@@ -22,31 +28,38 @@ from pathlib import Path
 import torch
 
 from dynamo_flexkv.storage.layout import PoolGeometry
+from dynamo_flexkv.storage.private_files import is_ours, open_private
 
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 POOL_PREFIX = "dynamo-flexkv-"
 OWNER_SUFFIX = ".owner"
+_MIB = 1 << 20
 
 
 def sweep_stale_pools(shm_dir: Path = SHM_DIR) -> list[str]:
-    """Remove pool files no live process holds; returns their names."""
+    """Remove this user's pool files that no live process holds; returns their names. Files that
+    are not ours (another user's, links, anything odd) are left alone and never stop the sweep."""
     removed = []
     for path in shm_dir.glob(POOL_PREFIX + "*"):
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             continue
         try:
-            if os.fstat(fd).st_size == 0 and not path.name.endswith(OWNER_SUFFIX):
+            st = os.fstat(fd)
+            if not is_ours(st):
+                continue
+            if st.st_size == 0 and not path.name.endswith(OWNER_SUFFIX):
                 continue  # a pool being created: its creator locks it right after sizing it
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # in use
-        else:
-            path.unlink(missing_ok=True)
+            if os.lstat(path).st_ino != st.st_ino:
+                continue  # replaced since we opened it
+            path.unlink()
             removed.append(path.name)
+        except OSError:
+            continue  # in use (EWOULDBLOCK), or gone meanwhile
         finally:
             os.close(fd)
     for name in removed:
@@ -62,7 +75,7 @@ def claim_pool_owner(name: str, shm_dir: Path = SHM_DIR) -> int:
     """
     path = shm_dir / f"{name}{OWNER_SUFFIX}"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd, _ = open_private(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -72,7 +85,7 @@ def claim_pool_owner(name: str, shm_dir: Path = SHM_DIR) -> int:
                 "its own FLEXKV_SERVER_RECV_PORT (or leave it unset for a unique one)"
             ) from None
         try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if os.lstat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
         except FileNotFoundError:
             pass
@@ -82,6 +95,46 @@ def claim_pool_owner(name: str, shm_dir: Path = SHM_DIR) -> int:
 def release_pool_owner(name: str, fd: int, shm_dir: Path = SHM_DIR) -> None:
     (shm_dir / f"{name}{OWNER_SUFFIX}").unlink(missing_ok=True)
     os.close(fd)
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reserve(fd: int, path: Path, total: int) -> None:
+    """Commit the pool's pages now, or fail with one line naming the setting and the fix."""
+    st = os.fstat(fd)
+    missing = max(0, total - st.st_blocks * 512)  # what an earlier opener has not reserved yet
+    vfs = os.statvfs(path.parent)
+    free = vfs.f_bavail * vfs.f_frsize
+    ram = _mem_available()
+
+    def too_small(where: str, avail: int) -> ValueError:
+        return ValueError(
+            f"cpu_cache_gb (FLEXKV_CPU_CACHE_GB) needs {total / _MIB:.1f} MiB of shared memory for the CPU "
+            f"tier but only {avail / _MIB:.1f} MiB {where}: lower cpu_cache_gb, or give the container more "
+            f"shared memory (docker run --shm-size=..., a larger emptyDir medium: Memory in Kubernetes)")
+
+    if missing > free:
+        raise too_small(f"is free in {path.parent}", free + total - missing)
+    if ram is not None and missing > ram:
+        raise too_small("of RAM is available", ram + total - missing)
+    try:
+        os.posix_fallocate(fd, 0, total)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            vfs = os.statvfs(path.parent)
+            raise too_small(f"is free in {path.parent}", vfs.f_bavail * vfs.f_frsize) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, total)  # a filesystem without fallocate (tests): pages come on first touch
 
 
 class CpuBlockPool:
@@ -99,7 +152,7 @@ class CpuBlockPool:
             raise ValueError(f"pool names start with {POOL_PREFIX!r}, got {name!r}")
         self.path = shm_dir / name
         sweep_stale_pools(shm_dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd, created = open_private(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # held until this process exits: marks the pool in use
             size = os.fstat(fd).st_size
@@ -109,9 +162,11 @@ class CpuBlockPool:
                     f"{geometry.total_bytes}: another instance uses the same identity "
                     "(unset FLEXKV_SERVER_RECV_PORT or give each instance its own)"
                 )
-            os.ftruncate(fd, geometry.total_bytes)
+            _reserve(fd, self.path, geometry.total_bytes)
             self._mmap = mmap.mmap(fd, geometry.total_bytes, mmap.MAP_SHARED)
         except BaseException:
+            if created:
+                self.path.unlink(missing_ok=True)
             os.close(fd)
             raise
         self._lock_fd = fd

@@ -49,6 +49,10 @@ class PoolGeometry:
     @classmethod
     def for_capacity(cls, capacity_bytes: int, shard_bytes: int, world_size: int) -> PoolGeometry:
         per_slot = cls(1, shard_bytes, world_size).slot_bytes
+        if capacity_bytes < per_slot:
+            raise ValueError(
+                f"cpu_cache_gb (FLEXKV_CPU_CACHE_GB) = {capacity_bytes / 2**30:.6g} GiB holds no KV block of "
+                f"this model ({per_slot} bytes per block): set it to at least {per_slot / 2**30:.6g}")
         return cls(capacity_bytes // per_slot, shard_bytes, world_size)
 
 

@@ -3,7 +3,9 @@
 SSD slot `s` lives in file `s % n_dirs` at index `s // n_dirs`, so consecutive slots stripe across
 the directories; the files are named from a hash of the caller's identity (model/layout), and each
 header repeats the identity and layout. The on-disk format and the I/O engines are in ssd_io.py. Each
-slot has a metadata record: the caller's block key, the xxh3-64 of the block's data, a write sequence.
+slot has a metadata record: the caller's block key, the xxh3-64 of the block's data, a write sequence,
+and optionally the block's parent key and token ids (so a restarted worker can rebuild its chains and
+announce what it found on disk; see `recover_blocks`).
 
 Crash safety rests on the data checksum, not on write ordering. A write puts the data in place and
 only then the record (key + checksum of the new data). Whatever a crash leaves behind:
@@ -20,16 +22,22 @@ No fsync is needed for correctness for the same reason; `close()` does one to ke
 Faults never raise out of the I/O path: a failed block is `ok=False` in its `IoResult`, every future
 completes, and the store degrades (`healthy` False, `degraded_reason` set): an I/O error stops writes
 (they fail fast without touching the disk); a removed directory or file disables the store.
+
+Every wait is bounded: a batch not finished within `io_timeout_s` (a hung disk, a stuck network
+file system) completes as failed and disables the store; `close()` gives up on stuck threads after
+the same time. A syscall that returns late must not write into a pool row the caller has reused
+since, so reads land in a scratch buffer of the store and are copied into the pool (after checksum
+verification) only while their batch is still pending.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -38,16 +46,20 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock
+from dynamo_flexkv.storage.private_files import ForeignFileError
+from dynamo_flexkv.storage.ssd_claim import reclaim_dead_files
 from dynamo_flexkv.storage.ssd_io import (
     ALIGN,
     IOV_MAX,
     MAX_KEY_BYTES,
-    RECORD_BYTES,
     FaultInjector,
     IoOp,
     SsdFile,
+    aligned_buffer,
     build_header,
     make_engine,
+    record_bytes_for,
     xxh,
 )
 
@@ -55,12 +67,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_OP_BYTES = 8 << 20  # bytes per vectored syscall (adjacent slots are coalesced up to this)
 _META_FLUSH_DELAY_S = 0.05  # group-commit window of the metadata flusher
-
-
-@dataclass
-class IoResult:
-    ok: list[bool]
-    bytes: int
+DEFAULT_IO_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -73,43 +80,6 @@ class SsdStats:
     read_failed_blocks: int = 0  # every ok=False read: misses, corruption, I/O errors
     corrupt_blocks: int = 0  # data did not match its checksum
     io_errors: int = 0  # failed syscalls (ops, not blocks)
-
-
-def gds_available() -> tuple[bool, str]:
-    """Whether GPUDirect Storage can be used here: kvikio (not in compat mode) or nixl's GDS plugin
-    with libcufile loadable. Returns (available, reason) for a start-up message."""
-    missing = []
-    try:
-        import kvikio
-        import kvikio.defaults
-
-        if not kvikio.defaults.compat_mode():
-            return True, f"kvikio {getattr(kvikio, '__version__', '?')} (cuFile)"
-        missing.append("kvikio is installed but runs in compat mode (no cuFile/GDS driver)")
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
-        missing.append(f"kvikio: {exc.__class__.__name__}: {exc}")
-    plugin = None
-    for pkg in ("nixl_cu13", "nixl_cu12"):
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        site = Path(next(iter(spec.submodule_search_locations))).parent
-        found = sorted(site.glob(f"{pkg}*libs/**/libplugin_GDS*.so")) + sorted(
-            site.glob(f".{pkg}*libs/**/libplugin_GDS*.so"))
-        if found:
-            plugin = found[0]
-            break
-    if plugin is None:
-        missing.append("nixl: no GDS plugin (libplugin_GDS*.so) in an installed nixl_cu12/nixl_cu13")
-    else:
-        import ctypes
-
-        try:
-            ctypes.CDLL("libcufile.so.0")
-            return True, f"nixl GDS plugin {plugin.name} with libcufile"
-        except OSError as exc:
-            missing.append(f"nixl GDS plugin {plugin.name} found but libcufile cannot be loaded ({exc})")
-    return False, "GPUDirect Storage is not available: " + "; ".join(missing)
 
 
 def _canonical_identity(identity: Mapping[str, str | int]) -> dict[str, str | int]:
@@ -137,17 +107,39 @@ class _Batch:
     sums: list[int]
     ok: list[bool]
     remaining: int
+    parents: list[bytes | None] = field(default_factory=list)
+    tokens: list[tuple[int, ...]] = field(default_factory=list)
+    deadline: float = 0.0
+    done: bool = False  # finalized (completed, or given up on by the watchdog): ignore late ops
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _ScratchBuffers:
+    """Page-aligned read buffers of one op's size, reused; at most one per op in flight."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._free: list = []
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return aligned_buffer(self.nbytes)
+
+    def put(self, buf) -> None:
+        with self._lock:
+            self._free.append(buf)
 
 
 class SsdBlockStore:
     """Fixed-size block slots on local disks with per-block checksums and warm restart.
 
     Slot allocation is the caller's (the index's): it names the SSD slot of every block. All methods
-    are thread-safe; `write_blocks` / `read_blocks` return at once with a Future that always completes.
-    A read lands in the caller's pool slot even when it then fails verification: treat the slot of a
-    failed block as garbage.
+    are thread-safe; `write_blocks` / `read_blocks` return at once with a Future that always completes
+    (within `io_timeout_s`). A read writes the caller's pool row only for a block reported ok.
     """
 
     def __init__(
@@ -160,6 +152,8 @@ class SsdBlockStore:
         queue_depth: int = 32,
         *,
         engine: str = "auto",
+        io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+        tokens_per_block: int = 0,
         _fault_injector: FaultInjector | None = None,
     ):
         if not dirs:
@@ -171,7 +165,11 @@ class SsdBlockStore:
         self.slot_bytes = slot_bytes
         self.num_slots = capacity_bytes // slot_bytes
         if self.num_slots < 1:
-            raise ValueError(f"capacity {capacity_bytes} bytes holds no {slot_bytes}-byte block")
+            raise ValueError(f"ssd_cache_gb (FLEXKV_SSD_CACHE_GB) = {capacity_bytes / 2**30:.6g} GiB holds "
+                             f"no KV block of this model ({slot_bytes} bytes per block): set it to at "
+                             f"least {slot_bytes / 2**30:.6g}, or 0 to turn the SSD tier off")
+        self.tokens_per_block = tokens_per_block
+        self.record_bytes = record_bytes_for(tokens_per_block)
         self.identity = _canonical_identity(identity)
         ident_json = json.dumps(self.identity, sort_keys=True, separators=(",", ":"))
         self.identity_hash = xxhash.xxh3_64_hexdigest(ident_json.encode())
@@ -184,6 +182,9 @@ class SsdBlockStore:
         self._closed = False
         self._lock = threading.Lock()  # slot state, stats, health, batch ids
         self._idle = threading.Condition(self._lock)
+        self._watch = threading.Condition(self._lock)  # wakes the watchdog
+        self._pending: dict[int, _Batch] = {}  # batches not yet finalized, by id
+        self.io_timeout_s = io_timeout_s
         self._inflight = 0  # batches not yet finalized
         self._next_batch = 1
         self._seq = 1
@@ -195,18 +196,28 @@ class SsdBlockStore:
         self._sums = [0] * self.num_slots
         self._seqs = [0] * self.num_slots
         self._gens = [0] * self.num_slots
+        self._parents: list[bytes | None] = [None] * self.num_slots
+        self._tokens: list[tuple[int, ...]] = [()] * self.num_slots
         self._files: list[SsdFile] = []
+        for d in dirs:
+            if not Path(d).is_dir():
+                raise ValueError(f"SSD cache directory {d} does not exist")
+        file_name = f"flexkv-{self.identity_hash}.ssd"
         try:
             for i, d in enumerate(dirs):
-                if not Path(d).is_dir():
-                    raise ValueError(f"SSD cache directory {d} does not exist")
+                reclaim_dead_files(d, keep=file_name)
                 slots = (self.num_slots - i + n - 1) // n
                 header = build_header({
                     "identity": self.identity, "slot_bytes": slot_bytes, "num_slots": self.num_slots,
-                    "n_dirs": n, "dir_index": i, "slots_in_file": slots, "record_bytes": RECORD_BYTES})
-                path = Path(d) / f"flexkv-{self.identity_hash}.ssd"
-                self._files.append(SsdFile(path, header, slots, slot_bytes, self.name))
+                    "n_dirs": n, "dir_index": i, "slots_in_file": slots, "record_bytes": self.record_bytes})
+                self._files.append(SsdFile(Path(d) / file_name, header, slots, slot_bytes, self.name,
+                                           self.record_bytes))
             self._warm_start_or_wipe()
+        except (OSError, ForeignFileError) as exc:
+            # A bad disk or a planted file must not take the engine down: serve without this tier.
+            self._close_files()
+            self._keys = [None] * self.num_slots
+            self._degrade(f"cannot open the SSD tier: {exc.__class__.__name__}: {exc}", disable=True)
         except BaseException:
             self._close_files()
             raise
@@ -221,6 +232,10 @@ class SsdBlockStore:
         self._meta_stop = False
         self._meta_thread = threading.Thread(target=self._flusher, name="flexkv-ssd-meta", daemon=True)
         self._meta_thread.start()
+        max_run = max(1, min(IOV_MAX, _MAX_OP_BYTES // slot_bytes))
+        self._scratch = _ScratchBuffers(max_run * slot_bytes)
+        self._watchdog = threading.Thread(target=self._watch_batches, name="flexkv-ssd-watchdog", daemon=True)
+        self._watchdog.start()
         n_valid = sum(k is not None for k in self._keys)
         logger.info("%s: %d slots x %d bytes in %s (%s engine, O_DIRECT %s), %d blocks recovered",
                     self.name, self.num_slots, slot_bytes, [str(f.path) for f in self._files],
@@ -241,22 +256,36 @@ class SsdBlockStore:
                     self._degrade(f.no_space, disable=True)
             return
         n = self._n
+        newest: dict[bytes, int] = {}  # key -> its slot with the highest write sequence
         for f in self._files:
             f.load()
             i = self._files.index(f)
-            for local, slot, key, dsum, seq in f.records():
+            for local, slot, key, dsum, seq, parent, tokens in f.records():
                 if slot != local * n + i:
                     f.set_record(local, slot, None)
                     continue
                 self._keys[slot], self._sums[slot], self._seqs[slot] = key, dsum, seq
+                self._parents[slot], self._tokens[slot] = parent, tokens
                 self._seq = max(self._seq, seq + 1)
+                other = newest.get(key)
+                if other is not None:  # written twice (e.g. by an older release after a reset)
+                    older = other if self._seqs[other] < seq else slot
+                    self._keys[older] = None
+                    self._set_record(older, None)
+                    if older == other:
+                        newest[key] = slot
+                else:
+                    newest[key] = slot
 
     def _locate(self, s: int) -> tuple[SsdFile, int]:
         return self._files[s % self._n], s // self._n
 
-    def _set_record(self, s: int, key: bytes | None, dsum: int = 0, seq: int = 0) -> None:
+    def _set_record(self, s: int, key: bytes | None, dsum: int = 0, seq: int = 0,
+                    parent: bytes | None = None, tokens: tuple[int, ...] = ()) -> None:
+        if not self._files:
+            return  # disabled at start-up: nothing on disk to update
         f, local = self._locate(s)
-        f.set_record(local, s, key, dsum, seq)
+        f.set_record(local, s, key, dsum, seq, parent, tokens)
 
     def _check_files(self) -> bool:
         """False (and the store disabled) when a file or its directory was removed or replaced."""
@@ -294,20 +323,34 @@ class SsdBlockStore:
         self._degrade(what, disable=gone)
         return what
 
+    @property
+    def writable(self) -> bool:
+        """False once a fault stopped writes: plan no spills into this store (they would evict
+        readable blocks for writes that fail)."""
+        return self._writable and not self._closed
+
     # ------------------------------------------------------------------------------------- API
     def write_blocks(self, pool, pool_slots: Sequence[int], ssd_slots: Sequence[int],
-                     keys: Sequence[bytes]) -> Future:
+                     keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None,
+                     tokens: Sequence[Sequence[int]] | None = None) -> Future:
         """Copy pool rows `pool_slots` into SSD slots `ssd_slots`, recording `keys` (<= 64 bytes
-        each). A block is readable only after its future reports it ok."""
+        each) and, when given, each block's parent key and token ids (at most `tokens_per_block`),
+        which `recover_blocks` returns after a restart. A block is readable only after its future
+        reports it ok."""
         pool_slots, ssd_slots, rows = self._validate(pool, pool_slots, ssd_slots)
         keys = [bytes(k) for k in keys]
-        if len(keys) != len(ssd_slots):
-            raise ValueError(f"{len(keys)} keys for {len(ssd_slots)} blocks")
-        if any(len(k) > MAX_KEY_BYTES for k in keys):
+        n = len(ssd_slots)
+        parents = [None if p is None else bytes(p) for p in parents] if parents is not None else [None] * n
+        tokens = [tuple(_as_ints(t)) for t in tokens] if tokens is not None else [()] * n
+        if not len(keys) == len(parents) == len(tokens) == n:
+            raise ValueError(f"{len(keys)} keys, {len(parents)} parents, {len(tokens)} token lists "
+                             f"for {n} blocks")
+        if any(len(k) > MAX_KEY_BYTES for k in keys) or any(p and len(p) > MAX_KEY_BYTES for p in parents):
             raise ValueError(f"block keys are limited to {MAX_KEY_BYTES} bytes")
+        if any(len(t) > self.tokens_per_block for t in tokens):
+            raise ValueError(f"this store records at most {self.tokens_per_block} tokens per block")
         if len(set(ssd_slots)) != len(ssd_slots):
             raise ValueError("a write batch names the same SSD slot twice")
-        n = len(ssd_slots)
         if not self._writable or self._closed or not self._check_files():
             return self._fail_fast(n, write=True)
         with self._lock:
@@ -321,6 +364,7 @@ class SsdBlockStore:
         batch = self._new_batch(True, ssd_slots, keys, gens, [0] * n)
         if batch is None:
             return self._fail_fast(n, write=True)
+        batch.parents, batch.tokens = parents, tokens
         self._submit(batch, rows, list(range(n)), pool_slots)
         return batch.future
 
@@ -360,33 +404,73 @@ class SsdBlockStore:
                 self._gens[s] += 1
                 self._set_record(s, None)
 
+    def invalidate_all(self) -> None:
+        """Forget every block (a cache reset: e.g. the model's weights changed, so no stored KV may
+        be served again, not even after a restart). The zeroed records reach the disk with the next
+        metadata flush, within moments; in-flight writes complete as failed."""
+        with self._lock:
+            for s in range(self.num_slots):
+                if self._keys[s] is not None:
+                    self._keys[s] = None
+                    self._set_record(s, None)
+                self._gens[s] += 1
+        with self._meta_cv:
+            self._meta_pending = True
+            self._meta_cv.notify()
+
     def recover(self) -> list[tuple[bytes, int]]:
         """(key, ssd_slot) of every block this store holds, oldest write first — after a warm
         restart, the blocks found on disk. Data is verified lazily, by read_blocks."""
+        return [(b.key, b.addr) for b in self.recover_blocks()]
+
+    def recover_blocks(self) -> list[RecoveredBlock]:
+        """`recover()` with each block's parent key and tokens as written, oldest write first (so a
+        parent written before its child comes first)."""
         with self._lock:
-            found = [(self._seqs[s], k, s) for s, k in enumerate(self._keys) if k is not None]
-        found.sort()
-        return [(k, s) for _, k, s in found]
+            found = [(self._seqs[s], s) for s, k in enumerate(self._keys) if k is not None]
+            found.sort()
+            return [RecoveredBlock(self._keys[s], s, self._parents[s], self._tokens[s]) for _, s in found]
 
     def close(self) -> None:
-        """Wait for in-flight batches, persist metadata, release files and threads. Idempotent."""
+        """Wait for in-flight batches, persist metadata, release files and threads. Idempotent.
+        Bounded: a stuck disk costs at most about two `io_timeout_s`, then its threads are left."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._idle.wait_for(lambda: self._inflight == 0)
-        self._engine.close()
+            # The watchdog finalizes every batch within io_timeout_s; the margin covers its wake-up.
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=self.io_timeout_s + 1)
+            self._watch.notify_all()
+        self._engine.close(self.io_timeout_s)
         with self._meta_cv:
             self._meta_stop = True
             self._meta_cv.notify()
+        self._meta_thread.join(self.io_timeout_s)
+        self._watchdog.join(self.io_timeout_s)
+        persist = threading.Thread(target=self._persist, name="flexkv-ssd-close", daemon=True)
+        persist.start()
+        persist.join(self.io_timeout_s)
+        if persist.is_alive() or self._meta_thread.is_alive():
+            self._degrade(f"metadata could not be persisted within {self.io_timeout_s:g} s at close",
+                          disable=True)
+            # A thread is stuck in a syscall on these fds: close them once it returns, if ever.
+            threading.Thread(target=self._close_files_after, args=(persist,), daemon=True,
+                             name="flexkv-ssd-close-later").start()
+            return
+        self._close_files()
+
+    def _close_files_after(self, persist: threading.Thread) -> None:
+        persist.join()
         self._meta_thread.join()
+        self._close_files()
+
+    def _persist(self) -> None:
         if self.flush() and not self._disabled:
             for f in self._files:
                 try:
                     os.fsync(f.fd)
                 except OSError as exc:
                     logger.error("%s: fsync of %s failed: %s", self.name, f.path, exc)
-        self._close_files()
 
     def __enter__(self) -> SsdBlockStore:
         return self
@@ -442,7 +526,30 @@ class SsdBlockStore:
             bid = self._next_batch
             self._next_batch += 1
             self._inflight += 1
-        return _Batch(bid, write, fut, ssd_slots, keys, gens, sums, [False] * len(ssd_slots), 0)
+            batch = _Batch(bid, write, fut, ssd_slots, keys, gens, sums, [False] * len(ssd_slots), 0,
+                           deadline=time.monotonic() + self.io_timeout_s)
+            self._pending[bid] = batch
+            self._watch.notify()
+        return batch
+
+    def _watch_batches(self) -> None:
+        """Fail every batch still pending at its deadline, and disable the store: the disk is stuck."""
+        while True:
+            with self._lock:
+                if self._closed and not self._pending:
+                    return
+                now = time.monotonic()
+                expired = [b for b in self._pending.values() if b.deadline <= now]
+                if not expired:
+                    nxt = min((b.deadline for b in self._pending.values()), default=now + 60)
+                    self._watch.wait(timeout=nxt - now)
+                    continue
+            for batch in expired:
+                what = f"{'write' if batch.write else 'read'} batch {batch.id}"
+                self._degrade(f"SSD I/O stuck: {what} did not complete within {self.io_timeout_s:g} s",
+                              disable=True)
+                batch.errors.append(f"timed out after {self.io_timeout_s:g} s")
+                self._finalize(batch)
 
     def _submit(self, batch: _Batch, rows: np.ndarray, todo: list[int], pool_slots: list[int]) -> None:
         try:
@@ -467,10 +574,10 @@ class SsdBlockStore:
         def flush() -> None:
             f, local = self._locate(batch.ssd_slots[run[0]])
             bufs = [memoryview(rows[pool_slots[i]]) for i in run]
+            # ctx: the batch, its block indices, the pool rows, the scratch buffer of a read
             op = IoOp(batch.write, f.fd, str(f.path), f.data_off + local * self.slot_bytes, bufs,
-                      len(run) * self.slot_bytes, ctx=(batch, list(run)))
-            if batch.write:
-                op.before = lambda op=op: self._hash_op(op)
+                      len(run) * self.slot_bytes, ctx=[batch, list(run), bufs, None])
+            op.before = (lambda op=op: self._hash_op(op)) if batch.write else (lambda op=op: self._use_scratch(op))
             ops.append(op)
 
         for i in order:
@@ -484,12 +591,19 @@ class SsdBlockStore:
 
     @staticmethod
     def _hash_op(op: IoOp) -> None:
-        batch, idx = op.ctx
+        batch, idx = op.ctx[0], op.ctx[1]
         for i, buf in zip(idx, op.bufs):
             batch.sums[i] = xxh(buf)
 
+    def _use_scratch(self, op: IoOp) -> None:
+        """Point a read at a scratch buffer (on the I/O thread, right before its syscall)."""
+        buf = self._scratch.get()
+        op.ctx[3] = buf
+        view = memoryview(buf)
+        op.bufs = [view[k * self.slot_bytes:(k + 1) * self.slot_bytes] for k in range(len(op.ctx[1]))]
+
     def _op_done(self, op: IoOp, err: BaseException | None) -> None:
-        batch, idx = op.ctx
+        batch, idx, rows, scratch = op.ctx
         try:
             if err is not None:
                 batch.errors.append(self._io_error(err, op))
@@ -497,16 +611,26 @@ class SsdBlockStore:
                 for i in idx:
                     batch.ok[i] = True
             else:
-                for i, buf in zip(idx, op.bufs):
-                    if xxh(buf) == batch.sums[i]:
-                        batch.ok[i] = True
-                    else:
+                good = [xxh(buf) == batch.sums[i] for i, buf in zip(idx, op.bufs)]
+                with batch.lock:
+                    if not batch.done:  # a batch given up on never touches the pool again
+                        for i, buf, row, ok in zip(idx, op.bufs, rows, good):
+                            if ok:
+                                row[:] = buf
+                                batch.ok[i] = True
+                for i, ok in zip(idx, good):
+                    if not ok:
                         self._corrupt(batch, i)
         except BaseException as exc:  # noqa: BLE001 - never lose a batch
             logger.exception("%s: batch %d: completion failed", self.name, batch.id)
             batch.errors.append(repr(exc))
-            for i in idx:
-                batch.ok[i] = False
+            with batch.lock:
+                for i in idx:
+                    batch.ok[i] = False
+        finally:
+            if scratch is not None:
+                op.bufs = []
+                self._scratch.put(scratch)
         with batch.lock:
             batch.remaining -= 1
             last = batch.remaining == 0
@@ -530,6 +654,11 @@ class SsdBlockStore:
                            self.name, s, f.path, local, batch.keys[i].hex())
 
     def _finalize(self, batch: _Batch) -> None:
+        """Complete the batch's future, once: when its last op reports, or at its deadline."""
+        with batch.lock:
+            if batch.done:
+                return
+            batch.done = True
         try:
             if batch.write:
                 self._commit_write(batch)
@@ -555,6 +684,7 @@ class SsdBlockStore:
                          "; ".join(batch.errors[:3]))
         batch.future.set_result(IoResult(batch.ok, n_ok * self.slot_bytes))
         with self._lock:
+            self._pending.pop(batch.id, None)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.notify_all()
@@ -575,7 +705,8 @@ class SsdBlockStore:
                 seq = self._seq
                 self._seq += 1
                 self._keys[s], self._sums[s], self._seqs[s] = batch.keys[i], batch.sums[i], seq
-                self._set_record(s, batch.keys[i], batch.sums[i], seq)
+                self._parents[s], self._tokens[s] = batch.parents[i], batch.tokens[i]
+                self._set_record(s, batch.keys[i], batch.sums[i], seq, batch.parents[i], batch.tokens[i])
         with self._meta_cv:
             self._meta_pending = True
             self._meta_cv.notify()

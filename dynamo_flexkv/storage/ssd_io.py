@@ -3,11 +3,15 @@
 File layout (one file per directory; `SsdBlockStore` in ssd.py stripes block slots over them):
 
     [0, 4096)             header: magic, format version, JSON (identity, slot_bytes, slot counts), xxh3
-    [4096, data_off)      metadata table: one 128-byte record per block slot of this file
+    [4096, data_off)      metadata table: one record per block slot of this file
     [data_off, end)       data: slot i of this file at data_off + i * slot_bytes (4 KiB aligned)
 
-A record is (magic, key length, data xxh3-64, write sequence, global slot, key <= 64 bytes) followed by
-the xxh3-64 of those 120 bytes; it counts only if that hash matches (a torn record is an empty slot).
+A record (format 2) is (magic, key length, flags, data xxh3-64, write sequence, global slot, parent
+length, token count, key <= 64 bytes, parent key <= 64 bytes, token ids as uint32), zero padding, and
+in its last 8 bytes the xxh3-64 of everything before; it counts only if that hash matches (a torn
+record is an empty slot). The parent and the tokens let a restarted worker rebuild the block chains
+and announce its disk tier. Records are 256 bytes, or the next power of two that holds a block's
+tokens (at most 4096), so no record straddles a page.
 The metadata table is kept in memory (page aligned, so it is also an O_DIRECT buffer) and its dirty
 4 KiB pages are written back by `SsdFile.flush`.
 
@@ -39,24 +43,40 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
+
+from dynamo_flexkv.storage.private_files import open_private
 
 logger = logging.getLogger(__name__)
 
 ALIGN = 4096
 MAGIC = b"DFKVSSD\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_BYTES = ALIGN
-RECORD_BYTES = 128
+RECORD_BYTES = 256  # the smallest record; records holding tokens are larger (record_bytes_for)
 MAX_KEY_BYTES = 64
 RECORD_MAGIC = 0x5244564B
-_REC = struct.Struct("<IHHQQQ64s24x")  # magic, key_len, flags, data_hash, seq, slot, key (120 bytes)
+# magic, key_len, flags, data_hash, seq, slot, parent_len, n_tokens, key, parent (164 bytes)
+_REC = struct.Struct("<IHHQQQHH64s64s")
+_HAS_PARENT = 1
+MAX_TOKENS_PER_BLOCK = (ALIGN - _REC.size - 8) // 4
+
+
+def record_bytes_for(tokens_per_block: int) -> int:
+    """Record size for blocks of `tokens_per_block` tokens: a power of two from 256 to 4096."""
+    if not 0 <= tokens_per_block <= MAX_TOKENS_PER_BLOCK:
+        raise ValueError(f"tokens_per_block must be 0..{MAX_TOKENS_PER_BLOCK}, got {tokens_per_block}")
+    size = RECORD_BYTES
+    while size < _REC.size + 4 * tokens_per_block + 8:
+        size *= 2
+    return size
 _HDR = struct.Struct("<8sII")  # magic, format version, JSON length
 xxh = xxhash.xxh3_64_intdigest
 _META_GAP_PAGES = 2
@@ -65,6 +85,16 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 FaultInjector = Callable[["IoOp"], None]
 OnDone = Callable[["IoOp", "BaseException | None"], None]
+
+
+class Record(NamedTuple):
+    local: int  # index in this file
+    slot: int  # global slot
+    key: bytes
+    data_hash: int
+    seq: int
+    parent: bytes | None
+    tokens: tuple[int, ...]
 
 
 @dataclass(eq=False)
@@ -161,16 +191,16 @@ class ThreadEngine:
                 err = exc
             _report(on_done, op, err)
 
-    def close(self) -> None:
-        """Finish every queued op, then stop the threads."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Finish every queued op, then stop the threads; a thread stuck in a syscall (a hung
+        disk) is given up on after `timeout_s` in all (it is a daemon thread)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             for _ in self._threads:
                 self._queue.put(None)
-        for t in self._threads:
-            t.join()
+        _join_all(self._threads, timeout_s)
 
 
 def uring_available() -> tuple[bool, str]:
@@ -309,17 +339,30 @@ class UringEngine:
                 return
         _report(on_done, op, None)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
         with self._lock:
             self._stopping = True
         os.eventfd_write(self._efd, 1)
-        self._thread.join()
+        if not _join_all([self._thread], timeout_s):
+            return  # requests stuck in the kernel: the ring must outlive them, leave it to exit
         try:
             self._L.io_uring_unregister_eventfd(self._ring)
         except Exception:  # noqa: BLE001
             pass
         self._L.io_uring_queue_exit(self._ring)
         os.close(self._efd)
+
+
+def _join_all(threads: list[threading.Thread], timeout_s: float | None) -> bool:
+    """Join `threads` within `timeout_s` in all; False (one log line) if some are still running."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for t in threads:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+        logger.error("ssd io: %d I/O thread(s) still stuck in a syscall after %.0f s, left behind: %s",
+                     len(stuck), timeout_s, ", ".join(stuck))
+    return not stuck
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -359,22 +402,23 @@ class SsdFile:
     identical to `header`) or wipes it (one log line saying why). `no_space` is set, and the file left
     empty, when preallocation hit ENOSPC/EDQUOT."""
 
-    def __init__(self, path: Path, header: bytes, slots: int, slot_bytes: int, label: str):
+    def __init__(self, path: Path, header: bytes, slots: int, slot_bytes: int, label: str,
+                 record_bytes: int = RECORD_BYTES):
         self.path = path
         self.slots = slots
+        self.record_bytes = record_bytes
         self.no_space: str | None = None
-        meta_bytes = -(-slots * RECORD_BYTES // ALIGN) * ALIGN
+        meta_bytes = -(-slots * record_bytes // ALIGN) * ALIGN
         self.data_off = HEADER_BYTES + meta_bytes
         size = self.data_off + slots * slot_bytes
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self.direct = True
-        try:
-            self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
+        try:  # never a link, never another user's file (see private_files.py)
+            self.fd, _ = open_private(path, os.O_RDWR | os.O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             self.direct = False
-            self.fd = os.open(path, flags, 0o600)
+            self.fd, _ = open_private(path, os.O_RDWR)
             logger.warning("%s: %s refuses O_DIRECT; using buffered I/O for %s", label, path.parent, path)
         try:
             try:
@@ -415,9 +459,8 @@ class SsdFile:
     def _pread(self, nbytes: int, offset: int) -> bytes:
         buf = aligned_buffer(nbytes)
         try:
-            view = memoryview(buf)[:nbytes]
-            self._pread_into(view, offset)
-            view.release()
+            with memoryview(buf) as whole, whole[:nbytes] as view:
+                self._pread_into(view, offset)
             return bytes(buf[:nbytes])
         finally:
             buf.close()
@@ -440,38 +483,45 @@ class SsdFile:
         buf = aligned_buffer(HEADER_BYTES)
         try:
             buf[:HEADER_BYTES] = header  # written last: a crash before this leaves "bad magic"
-            view = memoryview(buf)[:HEADER_BYTES]
-            os.pwritev(self.fd, [view], 0)
-            view.release()
+            with memoryview(buf) as whole, whole[:HEADER_BYTES] as view:
+                os.pwritev(self.fd, [view], 0)
             os.fsync(self.fd)
         finally:
             buf.close()
 
-    def records(self) -> list[tuple[int, int, bytes, int, int]]:
-        """(local index, global slot, key, data hash, seq) of every valid record; clears the rest."""
+    def records(self) -> list[Record]:
+        """Every valid record of this file; clears the rest (in memory; flushed later)."""
         out = []
-        table = np.frombuffer(self.meta, dtype=np.uint8, count=self.slots * RECORD_BYTES)
-        magics = table.reshape(self.slots, RECORD_BYTES)[:, :4].copy().view("<u4").ravel()
+        size = self.record_bytes
+        table = np.frombuffer(self.meta, dtype=np.uint8, count=self.slots * size)
+        magics = table.reshape(self.slots, size)[:, :4].copy().view("<u4").ravel()
         for local in np.nonzero(magics == RECORD_MAGIC)[0].tolist():
-            rec = self.meta_view[local * RECORD_BYTES:(local + 1) * RECORD_BYTES]
-            _, klen, _, dsum, seq, slot, key = _REC.unpack_from(rec)
-            if klen > MAX_KEY_BYTES or struct.unpack_from("<Q", rec, 120)[0] != xxh(rec[:120]):
-                rec[:] = bytes(RECORD_BYTES)  # torn or garbage: the slot is empty
-                self.dirty.add(local * RECORD_BYTES // ALIGN)
+            rec = self.meta_view[local * size:(local + 1) * size]
+            _, klen, flags, dsum, seq, slot, plen, ntok, key, parent = _REC.unpack_from(rec)
+            if (klen > MAX_KEY_BYTES or plen > MAX_KEY_BYTES or _REC.size + 4 * ntok > size - 8
+                    or struct.unpack_from("<Q", rec, size - 8)[0] != xxh(rec[:size - 8])):
+                rec[:] = bytes(size)  # torn or garbage: the slot is empty
+                self.dirty.add(local * size // ALIGN)
                 continue
-            out.append((local, slot, key[:klen], dsum, seq))
+            tokens = struct.unpack_from(f"<{ntok}I", rec, _REC.size)
+            out.append(Record(local, slot, key[:klen], dsum, seq,
+                              parent[:plen] if flags & _HAS_PARENT else None, tokens))
         return out
 
-    def set_record(self, local: int, slot: int, key: bytes | None, dsum: int = 0, seq: int = 0) -> None:
+    def set_record(self, local: int, slot: int, key: bytes | None, dsum: int = 0, seq: int = 0,
+                   parent: bytes | None = None, tokens: tuple[int, ...] = ()) -> None:
         """Update one record in memory (None clears it); it reaches the disk with the next flush."""
-        off = local * RECORD_BYTES
+        size = self.record_bytes
+        off = local * size
         if key is None:
-            rec = bytes(RECORD_BYTES)
+            rec = bytes(size)
         else:
-            body = _REC.pack(RECORD_MAGIC, len(key), 0, dsum, seq, slot, key)
+            body = (_REC.pack(RECORD_MAGIC, len(key), 0 if parent is None else _HAS_PARENT, dsum, seq,
+                              slot, len(parent or b""), len(tokens), key, parent or b"")
+                    + struct.pack(f"<{len(tokens)}I", *tokens)).ljust(size - 8, b"\0")
             rec = body + struct.pack("<Q", xxh(body))
         with self._lock:
-            self.meta_view[off:off + RECORD_BYTES] = rec
+            self.meta_view[off:off + size] = rec
             self.dirty.add(off // ALIGN)
 
     def flush(self, inject: FaultInjector | None = None) -> None:

@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from dynamo_flexkv.storage.backend import IoResult, completed
+from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock, completed
 from dynamo_flexkv.storage.ssd import SsdBlockStore
 from dynamo_flexkv.storage.ssd_claim import claim_seat
+from dynamo_flexkv.storage.ssd_io import MAX_TOKENS_PER_BLOCK
 
 
 class SsdTier:
@@ -38,6 +39,10 @@ class SsdTier:
                 {**layout, "seat": seat},
                 io_threads=settings.ssd_io_threads,
                 queue_depth=settings.ssd_queue_depth,
+                io_timeout_s=settings.ssd_io_timeout_s,
+                engine=settings.ssd_io_engine,
+                # Tokens are recorded so a restart can announce its blocks; very large blocks go without.
+                tokens_per_block=block_size if (block_size := int(layout["block_size"])) <= MAX_TOKENS_PER_BLOCK else 0,
             )
         except BaseException:
             os.close(seat_lock)
@@ -53,11 +58,17 @@ class SsdTier:
         return self.store.degraded_reason
 
     @property
+    def writable(self) -> bool:
+        return self.store.writable
+
+    @property
     def stats(self):
         return self.store.stats
 
-    def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes]) -> Future[IoResult]:
-        return self.store.write_blocks(pool, pool_slots, addrs, keys)
+    def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes],
+              parents: Sequence[bytes | None] | None = None,
+              tokens: Sequence[Sequence[int]] | None = None) -> Future[IoResult]:
+        return self.store.write_blocks(pool, pool_slots, addrs, keys, parents=parents, tokens=tokens)
 
     def read(self, pool, addrs: Sequence[int], pool_slots: Sequence[int], keys: Sequence[bytes]) -> Future[IoResult]:
         return self.store.read_blocks(pool, addrs, pool_slots, keys)
@@ -69,12 +80,14 @@ class SsdTier:
         held = {key for key, _ in store.recover()}
         return completed([bytes(key) in held for key in keys])
 
-    def recover(self) -> list[tuple[bytes, int, bytes | None]]:
-        # The files keep no parents: restored blocks enter as roots of their chains.
-        return [(key, slot, None) for key, slot in self.store.recover()]
+    def recover(self) -> list[RecoveredBlock]:
+        return self.store.recover_blocks()
 
     def invalidate(self, addrs: Sequence[int]) -> None:
         self.store.invalidate(addrs)
+
+    def invalidate_all(self) -> None:
+        self.store.invalidate_all()
 
     def close(self) -> None:
         self.store.close()

@@ -47,8 +47,11 @@ class LowerTiers:
             jobs.append((future, positions))
         self._stages[plan.request_id] = (jobs, len(plan.staged))
 
-    def spill(self, plans: Sequence[SpillPlan]) -> None:
-        """Write the plans' CPU blocks into their destination tiers: one batch per tier."""
+    def spill(self, plans: Sequence[SpillPlan],
+              tokens_of: Callable[[Sequence[bytes]], list[Sequence[int]]] | None = None) -> None:
+        """Write the plans' CPU blocks into their destination tiers: one batch per tier, each block
+        with its parent and (from `tokens_of`, where known) its tokens, which a tier that outlives
+        the process keeps so a restart rebuilds the chains and announces them."""
         by_tier: dict[str, list[SpillPlan]] = {}
         for plan in plans:
             by_tier.setdefault(plan.dst, []).append(plan)
@@ -56,7 +59,10 @@ class LowerTiers:
             src = [slot for plan in batch for slot in plan.src_slots]
             dst = [slot for plan in batch for slot in plan.dst_slots]
             keys = [key for plan in batch for key in plan.keys]
-            future = self._submit(tier, "write", lambda backend: backend.write(self.pool, src, dst, keys), len(keys))
+            parents = [parent for plan in batch for parent in plan.parents]
+            tokens = tokens_of(keys) if tokens_of is not None else None
+            future = self._submit(tier, "write", lambda backend: backend.write(
+                self.pool, src, dst, keys, parents=parents, tokens=tokens), len(keys))
             first = 0
             for plan in batch:
                 self._spills[tier].append((plan.spill_id, future, len(keys), slice(first, first + len(plan.keys))))

@@ -107,3 +107,29 @@ def test_router_update_count_merges_runs_of_removals():
     events = [BlockRemoved(block_hashes=[maybe_convert_block_hash(k)], medium="GPU") for k in keys]
     counted = router_updates([batch(*events, gpu_event(keys), events[0]), batch(AllBlocksCleared())])
     assert counted == {"stored": 1, "removed": 2, "cleared": 1}
+
+
+def test_a_block_never_announced_leaves_without_an_event():
+    """Blocks restored from disk without recorded tokens are never announced; their eviction must
+    not send the router a BlockRemoved for something it never saw."""
+    translator = EventTranslator(BLOCK)
+    keys = chain(3, b"disk")
+    assert translator.translate([Stored("SSD", tuple(keys), (None, *keys[:-1]))]) == []
+    assert translator.translate([Removed("SSD", tuple(keys[1:]))]) == []
+    assert translator.translate([Cleared("SSD", (keys[0],))]) == []
+    announced = stored_cpu(translator, keys[:1])
+    assert len(announced) == 1
+    assert translator.translate([Removed("SSD", (keys[0],))]) == []  # announced on CPU, not on SSD
+    [removed] = translator.translate([Removed("CPU", (keys[0],))])
+    assert removed.medium == "CPU"
+
+
+def test_events_carry_the_lora_adapter_like_vllms_own():
+    translator = EventTranslator(BLOCK)
+    base, adapted = chain(2, b"base"), chain(2, b"lora")
+    translator.remember(base, [tokens(0), tokens(1)])
+    translator.remember(adapted, [tokens(0), tokens(1)], lora=(7, "sql-adapter"))
+    events = translator.translate([Stored("CPU", (*base, *adapted), (None, base[0], None, adapted[0]))])
+    assert [(e.lora_id, e.lora_name, len(e.block_hashes)) for e in events] == [
+        (None, None, 2), (7, "sql-adapter", 2)]
+    assert translator.persistable_tokens([base[0], adapted[0]]) == [tokens(0), ()]

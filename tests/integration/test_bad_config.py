@@ -29,7 +29,10 @@ def assert_before_kv_cache_allocation(trace: str) -> None:
 @pytest.mark.parametrize(
     ("setting", "value", "expected"),
     [
-        ("FLEXKV_CPU_CACHE_GB", "-1", ["FLEXKV_CPU_CACHE_GB='-1'", "> 0"]),
+        ("FLEXKV_CPU_CACHE_GB", "-1", ["FLEXKV_CPU_CACHE_GB='-1'", "at least one 4 KiB page"]),
+        ("FLEXKV_CPU_CACHE_GB", "1e-9", ["FLEXKV_CPU_CACHE_GB='1e-9'", "at least one 4 KiB page"]),
+        ("FLEXKV_CPU_CACHE_GB", "0.00001", ["cpu_cache_gb (FLEXKV_CPU_CACHE_GB)", "holds no KV block"]),
+        ("FLEXKV_ENABLE_GDS", "1", ["FLEXKV_ENABLE_GDS='1'", "GPUDirect Storage is not supported"]),
         ("FLEXKV_EVICTION_POLICY", "random", ["FLEXKV_EVICTION_POLICY='random'", "lru, lfu, fifo, mru, slru, filo"]),
     ],
 )

@@ -24,7 +24,9 @@ def small_pool_engine(tiny_model: str, policy: str) -> EngineHost:
 
 
 # A, B, C fill the pool; A is used again; D needs room. Which prompt loses its blocks?
-EXPECTED_VICTIM = {"lru": "B", "fifo": "A", "filo": "C"}
+# lfu: A was used twice, B and C once (ties go to the least recent); slru: A was promoted to the
+# protected segment, B is the oldest on probation; mru: A was used last (tails first, so its whole chain).
+EXPECTED_VICTIM = {"lru": "B", "fifo": "A", "filo": "C", "lfu": "B", "slru": "B", "mru": "A"}
 
 
 @pytest.mark.parametrize("policy", sorted(EXPECTED_VICTIM))

@@ -1,6 +1,6 @@
 """The SSD tier inside a real vLLM engine: served when the CPU tier lost a block, striped over two
 directories, warm after a restart, never serving corrupt bytes, and degrading to recompute when its
-directory disappears mid-run."""
+directory disappears mid-run. Each test makes its own SSD files (no test depends on another's)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,9 @@ def ssd_engine(tiny_model: str, dirs: list[Path]) -> EngineHost:
     return EngineHost(tiny_model, {**ENGINE, "kv_transfer_config": COMPAT_CONFIG}, env=env)
 
 
-@pytest.fixture(scope="module")
-def ssd_dirs(tmp_path_factory) -> list[Path]:
-    root = tmp_path_factory.mktemp("ssd")  # on the real disk, not tmpfs
-    dirs = [root / "nvme0", root / "nvme1"]
+@pytest.fixture
+def ssd_dirs(tmp_path) -> list[Path]:
+    dirs = [tmp_path / "nvme0", tmp_path / "nvme1"]  # on the real disk, not tmpfs
     for d in dirs:
         d.mkdir()
     return dirs
@@ -81,7 +80,14 @@ def test_lost_cpu_blocks_are_served_from_ssd_across_two_dirs(tiny_model, ssd_dir
         assert len(written) >= 4, f"no block data in {f}"
 
 
+def fill_ssd_tier(tiny_model, ssd_dirs, prompts, expected) -> None:
+    """One engine run that leaves every prompt on the SSD tier (a clean stop lands every write)."""
+    with ssd_engine(tiny_model, ssd_dirs) as host:
+        assert [c.token_ids for c in host.generate(prompts, max_tokens=8, one_at_a_time=True)] == expected
+
+
 def test_restarted_engine_serves_earlier_prompts_from_ssd_on_first_request(tiny_model, ssd_dirs, prompts, expected):
+    fill_ssd_tier(tiny_model, ssd_dirs, prompts, expected)
     with ssd_engine(tiny_model, ssd_dirs) as host:
         got = host.generate(prompts, max_tokens=8, one_at_a_time=True)
         state = host.flexkv_state()
@@ -91,6 +97,7 @@ def test_restarted_engine_serves_earlier_prompts_from_ssd_on_first_request(tiny_
 
 
 def test_flipped_bytes_are_detected_and_recomputed(tiny_model, ssd_dirs, prompts, expected):
+    fill_ssd_tier(tiny_model, ssd_dirs, prompts, expected)
     for f in ssd_files(ssd_dirs):
         data = bytearray(f.read_bytes())
         for offset in block_offsets(f, 2):  # one flipped byte in every block slot

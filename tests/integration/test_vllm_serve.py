@@ -1,6 +1,7 @@
 """`vllm serve` (vLLM's own OpenAI server, engine core in its own process) with nothing but the
 documented FlexKV connector name: re-sent prompts are served from the CPU tier, and the connector's
-`vllm:flexkv_*` metrics — the names Dynamo forwards — appear on /metrics."""
+`vllm:flexkv_*` metrics — the names Dynamo forwards — appear on /metrics, with every metric the Grafana
+dashboard (deploy/grafana/dynamo-flexkv.json) reads."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import urllib.request
 import pytest
 
 from dynamo_flexkv.integration.dynamo.processes import PYTHON, Deployment, free_port
-from tests.helpers import random_prompt
+from tests.helpers import dashboard_metric_names, exposed_metric_names, random_prompt
 
 pytestmark = pytest.mark.engine
 
@@ -74,3 +75,6 @@ def test_vllm_serve_uses_flexkv_and_exports_its_metrics(tiny_model, tmp_path):
         assert metric(text, f"vllm:flexkv_{kind}_seconds_total", "all") > 0
         assert metric(text, f"vllm:flexkv_{kind}_size_bytes_count", "all") >= len(prompts)
         assert metric(text, f"vllm:flexkv_{kind}_size_bytes_sum", "all") > 0
+    exposed = exposed_metric_names(text)
+    missing = {title: names - exposed for title, names in dashboard_metric_names().items() if names - exposed}
+    assert not missing, f"Grafana panels read metrics that /metrics lacks: {missing}"

@@ -63,7 +63,6 @@ def test_defaults():
     assert s.log_level == "INFO"
     assert s.enable_metrics is True
     assert s.ssd_cache_gb == 0 and s.ssd_cache_dir == () and not s.ssd_enabled
-    assert s.enable_gds is False
     assert (s.ssd_io_threads, s.ssd_queue_depth) == (8, 32)
     assert s.remote_store is None and s.remote_cache_gb == 0 and not s.remote_enabled
     assert s == FlexKVSettings()
@@ -98,7 +97,6 @@ def test_settings_are_frozen_and_hashable():
          "ipc:///tmp/flexkv_server"),
         ("FLEXKV_SERVER_RECV_PORT", "tcp://10.0.0.1:5555", "server_recv_port",
          "tcp://10.0.0.1:5555"),
-        ("FLEXKV_ENABLE_GDS", "true", "enable_gds", True),
         ("FLEXKV_SSD_IO_THREADS", "16", "ssd_io_threads", 16),
         ("FLEXKV_SSD_QUEUE_DEPTH", "1024", "ssd_queue_depth", 1024),
         ("FLEXKV_REMOTE_STORE", "redis://cache:6379/2", "remote_store", "redis://cache:6379/2"),
@@ -154,7 +152,7 @@ def test_yaml_file(tmp_path):
                  "enable_gds: off\neviction_policy: LFU\nenable_metrics: no\n")
     s = load({"FLEXKV_CONFIG_PATH": path})
     assert (s.cpu_cache_gb, s.ssd_cache_gb, s.ssd_cache_dir) == (32.0, 0.01, (str(d),))
-    assert (s.enable_gds, s.eviction_policy, s.enable_metrics) == (False, "lfu", False)
+    assert (s.eviction_policy, s.enable_metrics) == ("lfu", False)
 
 
 def test_yaml_file_semicolon_string_dirs(tmp_path):
@@ -251,13 +249,13 @@ def cpu_source(request, tmp_path):
 def test_non_positive_cpu_cache_names_setting_and_source(cpu_source, value):
     src = cpu_source(value)
     msg = expect_error(src.env, src.overrides)
-    assert msg == f"{src.label} is invalid: expected a number > 0 (GiB; fractions such as 0.25 allowed)"
+    assert msg == f"{src.label} is invalid: expected a number of GiB, at least one 4 KiB page (0.0000039); fractions such as 0.25 allowed"
 
 
 @pytest.mark.parametrize("raw", ["inf", "nan", "lots", "1GB"])
 def test_cpu_cache_not_a_finite_number(raw):
     msg = expect_error({"FLEXKV_CPU_CACHE_GB": raw})
-    assert msg.startswith(f"FLEXKV_CPU_CACHE_GB='{raw}' is invalid: expected a number > 0")
+    assert msg.startswith(f"FLEXKV_CPU_CACHE_GB='{raw}' is invalid: expected a number of GiB, at least")
 
 
 def test_boolean_is_not_a_size():
@@ -270,7 +268,8 @@ def test_boolean_is_not_a_size():
     ("FLEXKV_REMOTE_CACHE_GB", "-1", "expected a number >= 0"),
     ("FLEXKV_LOG_LEVEL", "verbose", "allowed values are DEBUG, INFO, WARNING, ERROR"),
     ("FLEXKV_ENABLE_METRICS", "maybe", "expected true or false"),
-    ("FLEXKV_ENABLE_GDS", "2", "expected true or false"),
+    ("FLEXKV_ENABLE_GDS", "true", "GPUDirect Storage is not supported"),
+    ("FLEXKV_SSD_IO_ENGINE", "aio", "allowed values are auto, threads, uring"),
     ("FLEXKV_SSD_IO_THREADS", "0", "expected an integer from 1 to 256"),
     ("FLEXKV_SSD_IO_THREADS", "257", "expected an integer from 1 to 256"),
     ("FLEXKV_SSD_IO_THREADS", "2.5", "expected an integer from 1 to 256"),
@@ -434,7 +433,7 @@ def test_validation_allocates_nothing():
 def test_direct_construction_raises_config_error():
     with pytest.raises(ConfigError) as info:
         FlexKVSettings(cpu_cache_gb=-1)
-    assert str(info.value).startswith("cpu_cache_gb=-1 is invalid: expected a number > 0")
+    assert str(info.value).startswith("cpu_cache_gb=-1 is invalid: expected a number of GiB, at least")
     with pytest.raises(ConfigError, match=r"^cpu_cache_gb=0 is invalid"):
         FlexKVSettings.model_validate({"cpu_cache_gb": 0})
     with pytest.raises(ConfigError, match=r"unknown setting 'cpu_cache_gbb'; did you mean"):
@@ -502,3 +501,39 @@ def test_docs_error_example_is_what_the_code_says():
 
 def test_module_exports():
     assert set(config.__all__) <= set(dir(config))
+
+
+# --- issue 11: what a hostile review found ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".yml", "cpu_cache_gb: 8\neviction_policy: lru\ncpu_cache_gb: 0.5\n"),
+    (".json", '{"cpu_cache_gb": 8, "cpu_cache_gb": 0.5}'),
+])
+def test_a_key_given_twice_in_a_file_is_an_error_not_last_wins(tmp_path, suffix, text):
+    path = tmp_path / f"flexkv{suffix}"
+    path.write_text(text)
+    msg = expect_error({"FLEXKV_CONFIG_PATH": str(path)})
+    assert "'cpu_cache_gb' appears more than once" in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"FLEXKV_CPU_CACHE_GB": "1e-9"}, "FLEXKV_CPU_CACHE_GB='1e-9' is invalid"),
+    ({"FLEXKV_SSD_CACHE_GB": "1e-9", "FLEXKV_SSD_CACHE_DIR": "/tmp"}, "FLEXKV_SSD_CACHE_GB='1e-9' is invalid"),
+])
+def test_absurdly_small_tiers_are_rejected_naming_the_setting(env, named):
+    assert expect_error(env).startswith(named)
+
+
+def test_enable_gds_off_is_accepted_on_is_a_clear_error(tmp_path):
+    path = tmp_path / "flexkv.yml"
+    path.write_text("cpu_cache_gb: 0.5\nenable_gds: false\n")  # as FlexKV's own config files have it
+    assert load({"FLEXKV_CONFIG_PATH": str(path), "FLEXKV_ENABLE_GDS": "0"}).cpu_cache_gb == 0.5
+    path.write_text("enable_gds: true\n")
+    msg = expect_error({"FLEXKV_CONFIG_PATH": str(path)})
+    assert msg.startswith(f"enable_gds=True in {path}") and "GPUDirect Storage is not supported" in msg
+    assert "GPUDirect" in expect_error(overrides={"enable_gds": True})
+
+
+def test_the_io_engine_is_selectable():
+    assert load({"FLEXKV_SSD_IO_ENGINE": "Threads"}).ssd_io_engine == "threads"

@@ -136,3 +136,14 @@ def test_restore_readmits_blocks_with_their_chain():
     ssd.verify()
     victims = ssd.allocate(chain("z", 6), parents_of(chain("z", 6))).evicted
     assert victims == [keys[2]]  # the chain's tail goes first
+
+
+def test_an_unwritable_lower_tier_gets_no_spills_and_keeps_its_readable_blocks():
+    engine = two_tiers(cpu_slots=4, ssd_slots=4)
+    old = chain("a", 4)
+    store(engine, "s", old)
+    spill_all(engine, old)
+    engine.unwritable.add("SSD")  # the disk degraded: writes would fail
+    store(engine, "t", chain("b", 4))
+    assert engine.take_spills() == []
+    assert engine.tiers[1].match(old) == 4  # nothing evicted below for a write that cannot happen

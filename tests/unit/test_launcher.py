@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -205,7 +206,9 @@ def test_use_flexkv_events_endpoints_are_unique_per_worker():
 
 def test_use_flexkv_legacy_event_port():
     t = run(env={"DYNAMO_USE_FLEXKV": "true", "DYN_VLLM_KV_EVENT_PORT": "20081"})
+    # vLLM binds only wildcard TCP endpoints: a port the user asks for is on all interfaces, and says so
     assert json.loads(value(t.argv, "--kv-events-config"))["endpoint"] == "tcp://*:20081"
+    assert any("all interfaces" in note for note in t.notes)
     with pytest.raises(LauncherError, match="DYN_VLLM_KV_EVENT_PORT"):
         run(env={"DYNAMO_USE_FLEXKV": "1", "DYN_VLLM_KV_EVENT_PORT": "x"})
 
@@ -265,3 +268,10 @@ def test_private_event_socket_is_reported_for_cleanup():
     endpoint = json.loads(value(t.argv, "--kv-events-config"))["endpoint"]
     assert t.private_paths == (endpoint.removeprefix("ipc://"),)
     assert run(env={"DYNAMO_USE_FLEXKV": "1", "DYN_VLLM_KV_EVENT_PORT": "20081"}).private_paths == ()
+
+
+def test_recipes_publish_kv_events_on_private_sockets_by_default():
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    texts = {p.name: p.read_text() for p in recipes.rglob("*") if p.is_file()}
+    assert texts and not [name for name, text in texts.items() if "tcp://*" in text or "0.0.0.0" in text]
+    assert "ipc://" in texts["agg_router.sh"]

@@ -148,7 +148,7 @@ def test_shared_tier_refuses_per_process_random_block_hashes(monkeypatch):
 def test_spills_planned_in_one_step_go_to_each_tier_as_one_batch(stacks):
     cluster, writes = named("CLUSTER"), []
     write = cluster.write
-    cluster.write = lambda pool, src, dst, keys: writes.append(list(keys)) or write(pool, src, dst, keys)
+    cluster.write = lambda pool, src, dst, keys, **meta: writes.append(list(keys)) or write(pool, src, dst, keys, **meta)
     stack = stacks(cluster)
     store(stack.engine, "a", chain("a", 2))
     store(stack.engine, "b", chain("b", 3))

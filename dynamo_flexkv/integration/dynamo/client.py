@@ -89,11 +89,14 @@ class OpenAIClient:
     def __init__(self, base_url: str, model: str = "tiny"):
         self.base_url, self.model = base_url.rstrip("/"), model
 
-    def complete(self, prompt: str | Sequence[int], max_tokens: int = 8, **extra: Any) -> Completion:
-        """Greedy completion of a text or token-id prompt."""
+    def complete(self, prompt: str | Sequence[int], max_tokens: int = 8, worker_id: int | None = None,
+                 **extra: Any) -> Completion:
+        """Greedy completion of a text or token-id prompt; `worker_id` pins it to one worker (no routing)."""
+        nvext: dict[str, Any] = {"extra_fields": ["worker_id", "timing"]}
+        if worker_id is not None:
+            nvext["backend_instance_id"] = worker_id
         body = {"model": self.model, "prompt": prompt if isinstance(prompt, str) else list(prompt),
-                "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "nvext": {"extra_fields": ["worker_id", "timing"]}, **extra}
+                "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "nvext": nvext, **extra}
         return _completion(post_json(f"{self.base_url}/v1/completions", body), text_of=lambda c: c["text"])
 
     def chat(self, messages: Sequence[Mapping[str, str]], max_tokens: int = 8) -> Completion:

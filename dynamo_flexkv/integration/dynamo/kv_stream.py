@@ -113,6 +113,7 @@ class RouterRules:
     held: dict[str, set[int]] = field(default_factory=dict)  # medium -> hashes held now
     gpu_parent: dict[int, int | None] = field(default_factory=dict)  # from GPU events
     gpu_tokens: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    chain: dict[tuple[int | None, tuple[int, ...]], int] = field(default_factory=dict)  # (parent, tokens) -> hash
     problems: list[str] = field(default_factory=list)
     checked: int = 0  # lower-tier events checked
 
@@ -131,9 +132,21 @@ class RouterRules:
             else:
                 self.held.clear()
 
+    def held_prefix_blocks(self, prompt: list[int], medium: str) -> int:
+        """How many leading full blocks of `prompt` this worker has announced as held in `medium`."""
+        size, parent, held = self.block_size, None, self.held.get(medium, set())
+        for count in range(len(prompt) // size):
+            block = self.chain.get((parent, tuple(prompt[count * size:(count + 1) * size])))
+            if block is None or block not in held:
+                return count
+            parent = block
+        return len(prompt) // size
+
     def _stored(self, seq: int, event: object, medium: str) -> None:
         hashes, parent, tokens = list(event.block_hashes), event.parent_block_hash, list(event.token_ids)
         size = self.block_size
+        for i, h in enumerate(hashes):
+            self.chain[(parent if i == 0 else hashes[i - 1], tuple(tokens[i * size:(i + 1) * size]))] = h
         if medium == "GPU":
             for i, h in enumerate(hashes):
                 self.gpu_parent[h] = parent if i == 0 else hashes[i - 1]

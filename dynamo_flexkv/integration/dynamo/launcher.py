@@ -52,7 +52,8 @@ dynamo-flexkv legacy worker flags (translated to Dynamo 1.6.1's flags, then `pyt
   --is-prefill-worker           same as --disaggregation-mode prefill
   --is-decode-worker            same as --disaggregation-mode decode (implied by --connector nixl alone)
   DYNAMO_USE_FLEXKV=1           FlexKV for a worker given no connector; turns vLLM KV events on
-                                (endpoint tcp://*:$DYN_VLLM_KV_EVENT_PORT, else a private ipc:// path)
+                                (a private ipc:// path; tcp://*:$DYN_VLLM_KV_EVENT_PORT, all
+                                interfaces, only when that variable is set)
 """.format(names=", ".join(ALLOWED_NAMES))
 
 
@@ -154,7 +155,12 @@ def _validate_names(names: list[str], source: str) -> None:
 
 
 def default_kv_events_endpoint(environ: Mapping[str, str]) -> str:
-    """Legacy DYN_VLLM_KV_EVENT_PORT (tcp://*:PORT, as in Dynamo's FlexKV guide), else a private ipc:// path."""
+    """A private ipc:// path, or tcp://*:PORT when the user sets the legacy DYN_VLLM_KV_EVENT_PORT.
+
+    The events carry prompt tokens and Dynamo's worker reads them on the same host, so the default
+    is a Unix socket only this user can connect to. vLLM's publisher binds only wildcard TCP
+    endpoints (a specific address makes it connect instead), so a TCP port means all interfaces:
+    only when the user asks for one, with a warning."""
     port = (environ.get("DYN_VLLM_KV_EVENT_PORT") or "").strip()
     if port:
         if not port.isdigit():
@@ -241,7 +247,9 @@ def translate(argv: Sequence[str], environ: Mapping[str, str], *, kvbm_available
         events = {"publisher": "zmq", "topic": "kv-events", "endpoint": default_kv_events_endpoint(environ),
                   "enable_kv_cache_events": True}
         rest += ["--kv-events-config", json.dumps(events, separators=(",", ":"))]
-        notes.append(f"DYNAMO_USE_FLEXKV=1 -> KV events on {events['endpoint']}")
+        notes.append(f"DYNAMO_USE_FLEXKV=1 -> KV events on {events['endpoint']}" + (
+            " (all interfaces, prompt tokens included: firewall the port, or unset DYN_VLLM_KV_EVENT_PORT "
+            "for a private ipc:// path)" if events["endpoint"].startswith("tcp://*") else ""))
         if events["endpoint"].startswith("ipc://"):
             private_paths += (events["endpoint"].removeprefix("ipc://"),)
 

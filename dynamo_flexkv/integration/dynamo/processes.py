@@ -26,6 +26,8 @@ T = TypeVar("T")
 PYTHON = sys.executable
 REPO = Path(__file__).resolve().parents[3]
 TINY_MODEL = Path(os.environ.get("DYNAMO_FLEXKV_MODEL_DIR", REPO / ".cache" / "tiny-llama"))
+# The demo's model (tiny_model.DEMO): prefill dominates a request, so a KV cache has something to save.
+DEMO_MODEL = Path(os.environ.get("DYNAMO_FLEXKV_DEMO_MODEL_DIR", REPO / ".cache" / "demo-llama"))
 # CPU engine defaults for the tiny model: eager mode starts in ~25 s; block size 32 (multiple of 32).
 TINY_ENGINE_ARGS = ("--enforce-eager", "--block-size", "32", "--max-model-len", "1024", "--dtype", "bfloat16")
 # Settings that would make two test workers share a FlexKV identity or pick a connector implicitly.

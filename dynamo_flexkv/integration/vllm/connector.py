@@ -9,11 +9,13 @@ Every method vLLM's class defines is overridden here. The scheduler role delegat
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import vllm
+from vllm.config import KVTransferConfig, VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -30,10 +32,8 @@ from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
 from dynamo_flexkv.logs import configure_logging
 from dynamo_flexkv.storage.cpu_pool import claim_pool_owner, release_pool_owner
-from dynamo_flexkv.storage.ssd import gds_available
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
     from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
@@ -45,16 +45,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_COMPOSITES = ("MultiConnector", "PdConnector")
+_MAX_FRAMES = 16
 
-def require_gds() -> None:
-    """`enable_gds` is a promise of GPU-direct SSD I/O: refuse to start where it cannot be kept."""
-    available, reason = gds_available()
-    if not available:
-        raise ValueError(f"enable_gds (FLEXKV_ENABLE_GDS) is set but {reason}; unset it to stage SSD I/O through the CPU pool")
-    raise ValueError(
-        f"enable_gds (FLEXKV_ENABLE_GDS) is set and {reason} is present, but this release stages SSD "
-        "I/O through the CPU pool only; unset it"
-    )
+
+def _composite_parents(own: KVTransferConfig) -> list[KVTransferConfig]:
+    """The configs of the MultiConnector/PdConnector building this connector as a child.
+
+    vLLM's scheduler reads the failure policy from the top-level config only, and a composite gives
+    each child a shallow copy of the VllmConfig with the child's own KVTransferConfig: the parent's
+    is reachable only from the frames that are constructing us (bounded walk, read-only)."""
+    found: list[KVTransferConfig] = []
+    frame = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        for value in frame.f_locals.values():
+            config = getattr(value, "kv_transfer_config", None) if isinstance(value, VllmConfig) else None
+            if config is not None and config is not own and config.kv_connector in _COMPOSITES \
+                    and all(config is not f for f in found):
+                found.append(config)
+        frame = frame.f_back
+    return found
 
 
 class FlexKVConnector(FlexKVConnectorV1):
@@ -67,8 +79,6 @@ class FlexKVConnector(FlexKVConnectorV1):
             logger.warning(warning)
         self._metrics = settings.enable_metrics
         facts = describe_instance(vllm_config, kv_cache_config, settings)
-        if settings.enable_gds:
-            require_gds()
         self._scheduler = None
         self._worker = None
         if role == KVConnectorRole.SCHEDULER:
@@ -76,9 +86,11 @@ class FlexKVConnector(FlexKVConnectorV1):
 
             # vLLM reads this right after building the connector. Its default, "fail", would fail a
             # request whose cached blocks turned out unreadable; for a cache, that is a miss.
-            if self._kv_transfer_config.kv_load_failure_policy != "recompute":
-                self._kv_transfer_config.kv_load_failure_policy = "recompute"
-                logger.info("kv_load_failure_policy set to recompute: an unreadable block is a cache miss")
+            for config in (self._kv_transfer_config, *_composite_parents(self._kv_transfer_config)):
+                if config.kv_load_failure_policy != "recompute":
+                    config.kv_load_failure_policy = "recompute"
+                    logger.info("kv_load_failure_policy of %s set to recompute: an unreadable block is a "
+                                "cache miss", config.kv_connector)
 
             kv_events = vllm_config.kv_events_config
             publish = bool(kv_events and kv_events.enable_kv_cache_events)

@@ -13,6 +13,7 @@ from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig
 
 from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.integration.vllm.fingerprint import kv_fingerprint
 from dynamo_flexkv.storage.layout import PoolGeometry
 from dynamo_flexkv.tiers import InstanceFacts, require_shared_hashes
 
@@ -49,5 +50,6 @@ def describe_instance(
         "shard_bytes": shard_bytes,
         "tp_size": parallel.tensor_parallel_size,
         "hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),
+        **kv_fingerprint(vllm_config.model_config),  # weights, quantization, RoPE, ...
     }
     return InstanceFacts(identity=identity, block_size=spec.block_size, geometry=geometry, layout=layout)

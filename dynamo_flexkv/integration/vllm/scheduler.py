@@ -35,7 +35,7 @@ from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.index.plans import LoadPlan, StorePlan
+from dynamo_flexkv.index.plans import LoadPlan, StorePlan, Stored
 from dynamo_flexkv.integration.vllm.events import EventTranslator
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
@@ -64,6 +64,7 @@ class SchedulerSide:
         self.tiers = TierStack(facts, settings, record_events=publish_events)
         self.engine = self.tiers.engine
         self.events = EventTranslator(facts.block_size, self.tiers.media) if publish_events else None
+        self._restored_events = self._announce_recovered()
         self.loaded_tokens = 0  # tokens whose load was scheduled, since start
         self.computed_tokens = 0  # tokens vLLM scheduled for computing, since start
         self.preemptions = 0  # preempted requests seen, since start
@@ -86,6 +87,21 @@ class SchedulerSide:
             "scheduler ready: identity=%s cpu_slots=%d block_size=%d policy=%s tiers=%s",
             facts.identity, facts.geometry.num_slots, facts.block_size, settings.eviction_policy, self.tiers.names,
         )
+
+    def _announce_recovered(self) -> list[KVCacheEvent]:
+        """Events for the blocks lower tiers kept from an earlier run (with recorded tokens), so the
+        router credits a restarted worker's disk tier."""
+        if self.events is None:
+            return []
+        events = []
+        for tier, found in self.tiers.recovered.items():
+            known = [b for b in found if b.tokens]
+            self.events.remember([b.key for b in known], [b.tokens for b in known])
+            announced = self.events.translate([Stored(tier, tuple(b.key for b in found), tuple(b.parent for b in found))])
+            logger.info("tier %s: %d of %d recovered blocks announced", tier,
+                        sum(len(e.block_hashes) for e in announced), len(found))
+            events += announced
+        return events
 
     # --- loads ---------------------------------------------------------------------------------
 
@@ -212,7 +228,9 @@ class SchedulerSide:
 
     def _remember_tokens(self, request: Request, indices: list[int], keys) -> None:
         tokens, size = request.all_token_ids, self.block_size
-        self.events.remember(keys, [tokens[i * size : (i + 1) * size] for i in indices])
+        lora = request.lora_request
+        self.events.remember(keys, [tokens[i * size : (i + 1) * size] for i in indices],
+                             None if lora is None else (lora.adapter_id, lora.name))
 
     # --- per step --------------------------------------------------------------------------------
 
@@ -270,7 +288,8 @@ class SchedulerSide:
 
     def _advance_lower_tiers(self) -> None:
         """Hand out the GPU copies of finished stagings; the stack commits spills and starts new ones."""
-        for request_id, usable in self.tiers.advance():
+        tokens_of = None if self.events is None else self.events.persistable_tokens
+        for request_id, usable in self.tiers.advance(tokens_of):
             plan, block_ids = self._loading[request_id], self._staging.pop(request_id)
             if usable < len(plan.keys):
                 logger.warning("staging failed at block %d of %d, recomputing the rest: request=%s",
@@ -279,6 +298,7 @@ class SchedulerSide:
                                                   unavailable=block_ids[usable:]))
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
+        self.tiers.refresh_writable()  # the commits below plan spills only into tiers that take them
         report = output.kv_connector_worker_meta
         if not isinstance(report, FlexKVWorkerReport):
             report = FlexKVWorkerReport()
@@ -319,10 +339,11 @@ class SchedulerSide:
         tier_events = self.engine.take_events()
         if self.events is None:
             return ()
-        return self.events.translate(tier_events)
+        restored, self._restored_events = self._restored_events, []
+        return restored + self.events.translate(tier_events)
 
     def reset_cache(self) -> bool:
-        self.engine.reset()
+        self.tiers.reset()  # every tier, on disk too
         logger.info("cache reset: every unlocked block dropped")
         return True
 

@@ -51,6 +51,7 @@ class MooncakeTier:
     name = "MOONCAKE"
     medium = None  # the master evicts without telling us: blocks are not announced to the router
     shared = True
+    writable = True  # a write to an unreachable store fails fast as a miss
 
     def __init__(self, url: str, layout: Mapping[str, Any], slot_bytes: int, settings: Any):
         split = urlsplit(url)
@@ -123,7 +124,9 @@ class MooncakeTier:
 
     # ---- I/O ------------------------------------------------------------------------------
 
-    def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes]) -> Future[IoResult]:
+    def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes],
+              parents=None, tokens=None) -> Future[IoResult]:
+        # parents/tokens are not kept: a shared tier is found by lookups, never recovered
         if not self._usable(keys):
             self.stats.write_failed_blocks += len(keys)
             return failed_io(len(keys))
@@ -238,11 +241,14 @@ class MooncakeTier:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    def recover(self) -> list[tuple[bytes, int, bytes | None]]:
+    def recover(self) -> list:
         return []  # the store outlives this instance: its blocks are found by lookups
 
     def invalidate(self, addrs: Sequence[int]) -> None:
         pass  # the master decides what to evict; the index only forgets
+
+    def invalidate_all(self) -> None:
+        pass  # values are namespaced by the model; the index drops this instance's view
 
     def close(self) -> None:
         if self._closed:

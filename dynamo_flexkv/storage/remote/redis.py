@@ -30,6 +30,7 @@ class RedisTier:
     name = "REDIS"
     medium = None  # Redis evicts without telling us: blocks are not announced to the router
     shared = True
+    writable = True  # a write to an unreachable store fails fast as a miss
 
     def __init__(self, client: redis.Redis, url: str, layout: Mapping[str, Any], slot_bytes: int,
                  capacity_bytes: int, retry_s: float):
@@ -69,7 +70,9 @@ class RedisTier:
     def degraded_reason(self) -> str | None:
         return self._health.reason
 
-    def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes]) -> Future[IoResult]:
+    def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes],
+              parents=None, tokens=None) -> Future[IoResult]:
+        # parents/tokens are not kept: a shared tier is found by lookups, never recovered
         if not self._usable(keys):
             self.stats.write_failed_blocks += len(keys)
             return failed_io(len(keys))
@@ -148,11 +151,14 @@ class RedisTier:
         self._health.succeeded()
         return replies
 
-    def recover(self) -> list[tuple[bytes, int, bytes | None]]:
+    def recover(self) -> list:
         return []  # the store outlives this instance: its blocks are found by lookups
 
     def invalidate(self, addrs: Sequence[int]) -> None:
         pass  # Redis decides what to evict; the index only forgets
+
+    def invalidate_all(self) -> None:
+        pass  # values are namespaced by the model; the index drops this instance's view
 
     def close(self) -> None:
         if self._closed:
