@@ -72,6 +72,7 @@ OVERRIDES_NAME = "kv_connector_extra_config"
 EvictionPolicy = Literal["lru", "lfu", "fifo", "mru", "slru", "filo"]
 SsdIoEngine = Literal["auto", "threads", "uring"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+SavePolicy = Literal["all", "prompt", "finished"]
 EVICTION_POLICIES: tuple[str, ...] = typing.get_args(EvictionPolicy)
 LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
 
@@ -178,13 +179,25 @@ class FlexKVSettings(BaseModel):
         "background thread, completing after the step that started them as on a GPU (saves overlap "
         "the next forward pass). Off: each copy completes before the step goes on.",
     )
+    save_policy: SavePolicy = Field(
+        "all",
+        description="When a request's computed blocks are saved to the CPU tier. `all`: every full "
+        "block, prompt and generated, in the step after its KV was computed, while the request runs "
+        "(a long generation or a later turn of a chat finds its answer cached; vLLM's "
+        "OffloadingConnector with offload_prompt_only=false). `prompt`: prompt blocks only, as they "
+        "are computed (vLLM's OffloadingConnector default). `finished`: every full block, once the "
+        "request finishes. Whatever the policy, a preempted request's computed blocks (prompt blocks "
+        "only under `prompt`) are saved before vLLM reuses them and loaded when it resumes.",
+    )
     log_level: LogLevel = Field(
         "INFO",
         description="Log level of dynamo-flexkv's own loggers.",
     )
     enable_metrics: bool = Field(
         True,
-        description="Collect and export offload metrics (hits per tier, bytes moved, latencies).",
+        description="Collect and export offload metrics (`vllm:flexkv_*`: lookups, hits and misses "
+        "per tier, bytes moved, copy times and sizes; docs/dynamo.md lists them with their vLLM "
+        "native `vllm:kv_offload_*` equivalents).",
     )
     ssd_cache_gb: float = _gb_field(
         0.0,
@@ -340,7 +353,7 @@ class FlexKVSettings(BaseModel):
             return value.strip()
         return value
 
-    @field_validator("eviction_policy", "ssd_io_engine", mode="before")
+    @field_validator("eviction_policy", "save_policy", "ssd_io_engine", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

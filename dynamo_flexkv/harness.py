@@ -256,6 +256,8 @@ def _flexkv_state(connector, side) -> dict[str, Any]:
         "cpu_slots": tier.num_slots,
         "cpu_used": tier.num_used,
         "loaded_tokens": side.loaded_tokens,
+        "computed_tokens": side.computed_tokens,
+        "preemptions": side.preemptions,
         "engine_stats": vars(side.engine.snapshot()),
     }
     for backend in side.tiers.backends:

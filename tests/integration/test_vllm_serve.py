@@ -62,6 +62,19 @@ def test_vllm_serve_uses_flexkv_and_exports_its_metrics(tiny_model, tmp_path):
     assert metric(text, "vllm:flexkv_hit_tokens_total", "CPU") >= len(prompts) * (299 // 32) * 32
     assert metric(text, "vllm:flexkv_held_blocks", "CPU") > 0
     assert metric(text, "vllm:flexkv_saved_bytes_total", "all") > 0
+    # the equivalents of vLLM's native vllm:kv_offload_* metrics (docs/dynamo.md)
+    hit = metric(text, "vllm:flexkv_hit_tokens_total", "CPU")
+    queried = metric(text, "vllm:flexkv_query_tokens_total", "all")
+    missed = metric(text, "vllm:flexkv_miss_tokens_total", "all")
+    assert missed >= len(prompts) * (300 // 32) * 32  # the first round found nothing
+    assert queried >= missed + hit
+    assert metric(text, "vllm:flexkv_lookup_seconds_count", "all") >= 2 * len(prompts)
+    assert metric(text, "vllm:flexkv_stored_blocks_total", "CPU") >= len(prompts) * (300 // 32)
+    assert metric(text, "vllm:flexkv_loaded_bytes_total", "all") > 0
+    for kind in ("load", "save"):
+        assert metric(text, f"vllm:flexkv_{kind}_seconds_total", "all") > 0
+        assert metric(text, f"vllm:flexkv_{kind}_size_bytes_count", "all") >= len(prompts)
+        assert metric(text, f"vllm:flexkv_{kind}_size_bytes_sum", "all") > 0
     exposed = exposed_metric_names(text)
     missing = {title: names - exposed for title, names in dashboard_metric_names().items() if names - exposed}
     assert not missing, f"Grafana panels read metrics that /metrics lacks: {missing}"

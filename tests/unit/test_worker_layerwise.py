@@ -24,6 +24,9 @@ class RecordingLoad:
     def __init__(self, log: list):
         self.log, self.nbytes = log, 0
 
+    def done(self) -> bool:
+        return False  # lands during the forward, as on CUDA
+
     def wait_layer(self, index: int, *, host: bool = False) -> None:
         self.log.append(("layer", index))
 
@@ -77,7 +80,8 @@ def test_a_step_without_a_forward_starts_and_reports_its_saves(tmp_path):
     side = worker_module.WorkerSide(facts, rank=0, num_blocks=NUM_BLOCKS, cpu_async_copies=True)
     side.register_kv_caches(caches)
     try:
-        side.start_step(FlexKVStepMetadata(saves=[BlockTransfer("r", (3, 5), (0, 2))]))
+        # a finished request: vLLM holds its blocks until the save landed
+        side.start_step(FlexKVStepMetadata(saves=[BlockTransfer("r", (3, 5), (0, 2), save_id="r/0")], hold=["r"]))
         saved: set[str] = set()
         for _ in range(1000):  # later steps poll until the background copy finished
             saved |= side.get_finished()[0]
@@ -85,6 +89,7 @@ def test_a_step_without_a_forward_starts_and_reports_its_saves(tmp_path):
                 break
             side._in_flight[0].handle.wait()
         assert saved == {"r"}
+        assert side.take_report().saves_done == {"r/0": 1}
         pool = side.pool.tensor
         assert torch.equal(pool[0, :shard], torch.cat([caches[f"layer.{i}"][3].reshape(-1).view(torch.uint8) for i in range(LAYERS)]))
     finally:

@@ -117,7 +117,7 @@ class FlexKVConnector(FlexKVConnectorV1):
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._scheduler.build_connector_meta()
+        return self._scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self._scheduler.update_connector_output(connector_output)
@@ -140,6 +140,12 @@ class FlexKVConnector(FlexKVConnectorV1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # vLLM calls this before anything of the step touches the cache: blocks it freed by
+        # preempting requests are saved here, before they are reused
+        assert isinstance(kv_connector_metadata, FlexKVStepMetadata)
+        self._worker.handle_preemptions(kv_connector_metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         # Every vLLM version calls this once per step, with or without a forward pass; steps that
         # schedule no tokens skip `wait_for_save` in some versions (0.26), so saves start here too.
@@ -155,7 +161,7 @@ class FlexKVConnector(FlexKVConnectorV1):
         return load_settings(extra_config).layerwise_load  # per-layer waits cannot be graph-captured
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
-        return  # saves happen when a request finishes, for whole blocks
+        return  # whole blocks are saved in a later step (save_policy), not layer by layer
 
     def wait_for_save(self) -> None:
         return  # saves started with the step (start_load_kv) and are reported by get_finished

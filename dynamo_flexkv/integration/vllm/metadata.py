@@ -16,12 +16,14 @@ class BlockTransfer:
 
     `unavailable` (loads only) are GPU blocks promised to vLLM that turned out unloadable (a lower
     tier failed them): the worker reports them as load errors, so vLLM recomputes them.
+    `save_id` (saves only) names the save in the worker's report: a request may have several.
     """
 
     request_id: str
     block_ids: tuple[int, ...]
     slots: tuple[int, ...]
     unavailable: tuple[int, ...] = ()
+    save_id: str = ""
 
 
 @dataclass
@@ -29,6 +31,12 @@ class FlexKVStepMetadata(KVConnectorMetadata):
     layerwise_loads: list[BlockTransfer] = field(default_factory=list)  # pool -> cache, used this step
     loads: list[BlockTransfer] = field(default_factory=list)  # pool -> cache, between steps
     saves: list[BlockTransfer] = field(default_factory=list)  # cache -> pool
+    # cache -> pool from requests vLLM preempted in this step: their blocks may be reused by this
+    # very step, so these land in `handle_preemptions`, before any load or forward touches them
+    preemption_saves: list[BlockTransfer] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)  # their earlier saves are awaited there too
+    # finished requests whose GPU blocks vLLM keeps until each of their saves landed (finished_sending)
+    hold: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -37,13 +45,19 @@ class FlexKVWorkerReport(KVConnectorWorkerMetadata):
     step) and what it could not complete; merged over TP ranks (any rank failing fails it)."""
 
     failed_loads: set[str] = field(default_factory=set)
-    failed_saves: set[str] = field(default_factory=set)
+    failed_saves: set[str] = field(default_factory=set)  # save ids
     done_layerwise: set[str] = field(default_factory=set)
+    # save id -> ranks that finished it (ok or not): a save is over once every rank finished it
+    saves_done: dict[str, int] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, FlexKVWorkerReport)
+        saves_done = dict(self.saves_done)
+        for save_id, ranks in other.saves_done.items():
+            saves_done[save_id] = saves_done.get(save_id, 0) + ranks
         return FlexKVWorkerReport(
             self.failed_loads | other.failed_loads,
             self.failed_saves | other.failed_saves,
             self.done_layerwise | other.done_layerwise,
+            saves_done,
         )

@@ -8,8 +8,11 @@ Request flow (see docs/architecture.md):
    Hits that only a lower tier (SSD, cluster store) holds are first staged into CPU slots; their
    GPU copy is handed out once the reads finished. While a shared tier is being asked whether the
    blocks after a local hit exist, the answer is None ("ask again later").
-3. `request_finished` reserves pool slots for the request's full, computed blocks not yet cached
-   and asks vLLM to keep the GPU blocks until the workers copied them (async save).
+3. Saves (`save_policy`): each step, `build_connector_meta` reserves pool slots for the full blocks
+   of running requests whose KV earlier steps computed (`all`: prompt and generated, `prompt`:
+   prompt only); `request_finished` does the same for what is left and asks vLLM to keep the GPU
+   blocks until every save of the request landed. A request vLLM preempted in this step has its
+   computed blocks saved in `handle_preemptions`, before the step reuses them.
 4. `update_connector_output` commits (or rolls back) what the workers finished; only then do blocks
    become matchable and visible to the router as events. Committed blocks are written through to
    every lower tier in the background.
@@ -20,11 +23,14 @@ class translates vLLM's requests and block ids to keys and slots.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_events import KVCacheEvent
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
@@ -38,23 +44,44 @@ from dynamo_flexkv.tiers import InstanceFacts, TierStack
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class _Tracked:
+    """A request between its first match and its end: what it was given and what is saved of it."""
+
+    request: Request
+    block_ids: list[int]  # its GPU blocks (first KV cache group), as the scheduler output says
+    kv_tokens: int = 0  # tokens whose KV the steps scheduled so far compute
+    next_block: int = 0  # blocks before it are in the CPU tier or being written there
+
+
 class SchedulerSide:
     def __init__(self, facts: InstanceFacts, settings: FlexKVSettings, publish_events: bool):
         self.identity = facts.identity
         self.block_size = facts.block_size
         self.layerwise = settings.layerwise_load
+        self.save_policy = settings.save_policy
+        self.tp_size = int(facts.layout.get("tp_size", 1))
         self.tiers = TierStack(facts, settings, record_events=publish_events)
         self.engine = self.tiers.engine
         self.events = EventTranslator(facts.block_size, self.tiers.media) if publish_events else None
         self._restored_events = self._announce_recovered()
         self.loaded_tokens = 0  # tokens whose load was scheduled, since start
+        self.computed_tokens = 0  # tokens vLLM scheduled for computing, since start
+        self.preemptions = 0  # preempted requests seen, since start
         self._reported = self.engine.snapshot()
+        self._reported_io = self._tier_io()
+        self._stats = FlexKVStats()  # lookups and allocation failures since the last take_stats
         # request id -> (first block index of the hit, its locked plan), awaiting allocation
         self._matched: dict[str, tuple[int, LoadPlan]] = {}
         self._loading: dict[str, LoadPlan] = {}  # loads between steps, reported by vLLM
         self._loading_layerwise: dict[str, LoadPlan] = {}  # loads inside a step, reported by workers
         self._staging: dict[str, tuple[int, ...]] = {}  # request id -> GPU block ids awaiting staging
-        self._saving: dict[str, StorePlan] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._saving: dict[str, tuple[str, StorePlan]] = {}  # save id -> (request id, plan)
+        self._save_acks: dict[str, int] = {}  # save id -> ranks that finished it so far
+        self._save_failed: set[str] = set()
+        self._held: set[str] = set()  # finished requests whose GPU blocks vLLM keeps for our saves
+        self._save_seq = 0
         self._step = FlexKVStepMetadata()
         logger.info(
             "scheduler ready: identity=%s cpu_slots=%d block_size=%d policy=%s tiers=%s",
@@ -80,22 +107,23 @@ class SchedulerSide:
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         request_id = request.request_id
+        if request_id not in self._tracked:
+            self._tracked[request_id] = _Tracked(request, [])
         first = num_computed_tokens // self.block_size
         keys = request.block_hashes[first:]
         first_parent = request.block_hashes[first - 1] if first else None
+        started = time.perf_counter()
         hits = self.tiers.lookup(request_id, keys, first_parent)
+        self._stats.observe("lookup_seconds", time.perf_counter() - started)
         if hits is None:  # a shared tier is being asked: vLLM asks again in a later step
             self._release_match(request_id)
             return None, False
+        self._stats.add("query_tokens", len(keys) * self.block_size)
+        self._stats.add("miss_tokens", (len(keys) - hits) * self.block_size)
         if hits == 0:
             self._release_match(request_id)
             return 0, False
         plan = self.engine.prepare_load(request_id, keys[:hits], first_parent)  # replaces an earlier match
-        if plan is not None and self.layerwise and not plan.staged:
-            # Computed in this very step: leave vLLM at least one prompt token to compute.
-            most = (request.num_tokens - 1) // self.block_size - first
-            if len(plan.keys) > most:
-                plan = self.engine.prepare_load(request_id, plan.keys[:most], first_parent) if most > 0 else None
         if plan is None:
             self._release_match(request_id)
             return 0, False
@@ -103,7 +131,14 @@ class SchedulerSide:
             self._remember_tokens(request, [first + s.index for s in plan.staged], [plan.keys[s.index] for s in plan.staged])
         self._matched[request_id] = (first, plan)
         load_async = bool(plan.staged) or not self.layerwise
-        return len(plan.keys) * self.block_size, load_async
+        tokens = len(plan.keys) * self.block_size
+        if not load_async:
+            # Computed in this very step, vLLM needs one token to compute (it samples the next one
+            # from it): offer all but the last; the last block is still loaded whole and vLLM
+            # rewrites that token's KV into it. An async full hit may offer every token: vLLM then
+            # recomputes the last one itself (Scheduler._update_waiting_for_remote_kv).
+            tokens = min(tokens, request.num_tokens - 1 - first * self.block_size)
+        return tokens, load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         request_id = request.request_id
@@ -114,12 +149,13 @@ class SchedulerSide:
             self.engine.cancel_load(request_id)
             return
         first, plan = matched
-        count = num_external_tokens // self.block_size
+        count = -(-num_external_tokens // self.block_size)  # a partial last block is loaded whole
         if count < len(plan.keys):  # vLLM took less than offered: lock only what will be loaded
             first_parent = request.block_hashes[first - 1] if first else None
             plan = self.engine.prepare_load(request_id, plan.keys[:count], first_parent)
         block_ids = tuple(blocks.get_block_ids()[0][first : first + count])
-        self.loaded_tokens += count * self.block_size
+        # tokens vLLM will not compute (a full-prompt async hit still recomputes its last one)
+        self.loaded_tokens += min(num_external_tokens, request.num_tokens - 1 - first * self.block_size)
         if plan.staged:
             self._loading[request_id] = plan
             self.tiers.stage(plan)
@@ -140,26 +176,55 @@ class SchedulerSide:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         request_id = request.request_id
+        tracked = self._tracked.pop(request_id, None) or _Tracked(request, [])
         self._release_match(request_id)
         self.tiers.forget(request_id)
         if request_id in self._loading:
             return False, None  # its blocks are still being filled; vLLM frees them after the load
-        full = min(len(request.block_hashes), request.num_computed_tokens // self.block_size, len(block_ids))
-        if full == 0:
+        tracked.block_ids = list(block_ids)
+        save = self._plan_save(tracked, request.num_computed_tokens)
+        if save is not None:
+            self._step.saves.append(save)
+        if not any(owner == request_id for owner, _ in self._saving.values()):
             return False, None
-        keys = request.block_hashes[:full]
-        parents = [None, *keys[:-1]]
-        plan = self.engine.prepare_store(request_id, keys, parents)
+        self._held.add(request_id)
+        self._step.hold.append(request_id)
+        return True, None
+
+    def _plan_save(self, tracked: _Tracked, kv_tokens: int) -> BlockTransfer | None:
+        """Reserve slots for the request's full blocks in `[next_block, kv_tokens)` the tier lacks
+        (prompt blocks only under the `prompt` policy); the copy to hand to the workers, or None."""
+        request, size = tracked.request, self.block_size
+        end = min(kv_tokens // size, len(request.block_hashes), len(tracked.block_ids))
+        if self.save_policy == "prompt":
+            end = min(end, request.num_prompt_tokens // size)
+        start = tracked.next_block
+        if end <= start:
+            return None
+        keys = request.block_hashes[start:end]
+        parents = [request.block_hashes[start - 1] if start else None, *keys[:-1]]
+        save_id = f"{request.request_id}/{self._save_seq}"
+        self._save_seq += 1
+        plan = self.engine.prepare_store(save_id, keys, parents)
+        # Blocks the tier now holds or is writing need no later save; a block that found no slot
+        # (or whose parent is not in the tier yet) is tried again in a later step.
+        top = self.engine.tiers[0]
+        while tracked.next_block < end and top.state_of(request.block_hashes[tracked.next_block]) is not None:
+            tracked.next_block += 1
+        if tracked.next_block < end:  # a block was left out: no slot, or its parent is still being written
+            parent = request.block_hashes[tracked.next_block - 1] if tracked.next_block else None
+            if parent is None or top.is_ready(parent) or (plan is not None and parent in plan.keys):
+                self._stats.add("allocation_failures", 1)
         if plan is None:
-            return False, None
-        position = {key: i for i, key in enumerate(keys)}
+            return None
+        position = {key: start + i for i, key in enumerate(keys)}
         indices = [position[key] for key in plan.keys]
         if self.events is not None:
             self._remember_tokens(request, indices, plan.keys)
-        self._step.saves.append(BlockTransfer(request_id, tuple(block_ids[i] for i in indices), tuple(plan.slots)))
-        self._saving[request_id] = plan
-        logger.debug("save scheduled: request=%s blocks=%d", request_id, len(plan.keys))
-        return True, None
+        self._saving[save_id] = (request.request_id, plan)
+        logger.debug("save scheduled: request=%s save=%s blocks=%d", request.request_id, save_id, len(plan.keys))
+        return BlockTransfer(request.request_id, tuple(tracked.block_ids[i] for i in indices), tuple(plan.slots),
+                             save_id=save_id)
 
     def _remember_tokens(self, request: Request, indices: list[int], keys) -> None:
         tokens, size = request.all_token_ids, self.block_size
@@ -169,10 +234,57 @@ class SchedulerSide:
 
     # --- per step --------------------------------------------------------------------------------
 
-    def build_connector_meta(self) -> FlexKVStepMetadata:
+    def build_connector_meta(self, output: SchedulerOutput) -> FlexKVStepMetadata:
+        self.computed_tokens += output.total_num_scheduled_tokens
+        self._save_preempted(output.preempted_req_ids or ())
+        self._track_blocks(output)
+        for request_id, num_tokens in output.num_scheduled_tokens.items():
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                continue
+            request = tracked.request
+            if self.save_policy != "finished":
+                # KV of the steps before this one; the last token's is computed only with the next
+                done = min(request.num_computed_tokens, request.num_tokens - 1)
+                save = self._plan_save(tracked, done)
+                if save is not None:
+                    self._step.saves.append(save)
+            tracked.kv_tokens = request.num_computed_tokens + num_tokens
         self._advance_lower_tiers()
         step, self._step = self._step, FlexKVStepMetadata()
         return step
+
+    def _track_blocks(self, output: SchedulerOutput) -> None:
+        """Follow each running request's GPU block ids, which vLLM hands out step by step."""
+        for new in output.scheduled_new_reqs:
+            if (tracked := self._tracked.get(new.req_id)) is not None:
+                tracked.block_ids = list(new.block_ids[0])
+        cached = output.scheduled_cached_reqs
+        for request_id, new_ids in zip(cached.req_ids, cached.new_block_ids):
+            tracked = self._tracked.get(request_id)
+            if tracked is None or new_ids is None:
+                continue
+            if request_id in cached.resumed_req_ids:
+                tracked.block_ids = list(new_ids[0])
+            else:
+                tracked.block_ids.extend(new_ids[0])
+
+    def _save_preempted(self, preempted: Iterable[str]) -> None:
+        """vLLM freed these requests' blocks in this step: save what they computed before the step
+        reuses them (the workers do it in `handle_preemptions`)."""
+        for request_id in preempted:
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                continue
+            self.preemptions += 1
+            request = tracked.request
+            save = self._plan_save(tracked, min(tracked.kv_tokens, request.num_tokens - 1))
+            if save is not None:
+                self._step.preemption_saves.append(save)
+            self._step.preempted.append(request_id)
+            logger.info("request preempted: request=%s computed_tokens=%d saved_blocks=%d", request_id,
+                        tracked.kv_tokens, len(save.block_ids) if save else 0)
+            tracked.block_ids, tracked.kv_tokens = [], 0
 
     def _advance_lower_tiers(self) -> None:
         """Hand out the GPU copies of finished stagings; the stack commits spills and starts new ones."""
@@ -194,17 +306,25 @@ class SchedulerSide:
             self._complete_load(self._loading_layerwise.pop(request_id, None), report)
         for request_id in output.finished_recving or ():
             self._complete_load(self._loading.pop(request_id, None), report)
-        failed_saves = report.failed_saves
+        self._save_failed |= report.failed_saves
+        for save_id, ranks in report.saves_done.items():
+            self._save_acks[save_id] = self._save_acks.get(save_id, 0) + ranks
+            if self._save_acks[save_id] >= self.tp_size:
+                self._complete_save(save_id)
         for request_id in output.finished_sending or ():
-            plan = self._saving.pop(request_id, None)
-            if plan is not None:
-                ok = request_id not in failed_saves
-                self.engine.complete_store(request_id, success=ok)
-                if not ok:
-                    if self.events is not None:
-                        self.events.forget(plan.keys)
-                    logger.warning("save failed, slots released: request=%s", request_id)
+            self._held.discard(request_id)
         self._advance_lower_tiers()  # start the write-through at once: it holds CPU blocks
+
+    def _complete_save(self, save_id: str) -> None:
+        del self._save_acks[save_id]
+        ok = save_id not in self._save_failed
+        self._save_failed.discard(save_id)
+        request_id, plan = self._saving.pop(save_id)
+        self.engine.complete_store(save_id, success=ok)
+        if not ok:
+            if self.events is not None:
+                self.events.forget(plan.keys)
+            logger.warning("save failed, slots released: request=%s save=%s", request_id, save_id)
 
     def _complete_load(self, plan: LoadPlan | None, report: FlexKVWorkerReport) -> None:
         if plan is None:
@@ -227,20 +347,35 @@ class SchedulerSide:
         logger.info("cache reset: every unlocked block dropped")
         return True
 
+    def _tier_io(self) -> dict[str, tuple[int, int]]:
+        """Bytes each lower tier's backend has read and written so far."""
+        return {b.name: (getattr(b.stats, "bytes_read", 0), getattr(b.stats, "bytes_written", 0))
+                for b in self.tiers.backends}
+
     def take_stats(self) -> FlexKVStats | None:
-        """Hits and evictions since the last call, and the blocks each tier holds now."""
+        """Lookups, hits, stores, evictions and lower-tier I/O since the last call, and the blocks
+        each tier holds now."""
         now, before = self.engine.snapshot(), self._reported
-        self._reported = now
-        stats = FlexKVStats()
+        io_now, io_before = self._tier_io(), self._reported_io
+        self._reported, self._reported_io = now, io_now
+        stats, self._stats = self._stats, FlexKVStats()
         for tier, held in now.blocks_held.items():
-            hits = now.hit_blocks[tier] - before.hit_blocks[tier]
-            evicted = now.evicted_blocks[tier] - before.evicted_blocks[tier]
-            if hits:
-                stats.add(f"hit_tokens:{tier}", hits * self.block_size)
-            if evicted:
-                stats.add(f"evicted_blocks:{tier}", evicted)
-            if held != before.blocks_held[tier] or hits or evicted:
+            changed = False
+            for name, counts, scale in (("hit_tokens", "hit_blocks", self.block_size),
+                                        ("stored_blocks", "stored_blocks", 1),
+                                        ("evicted_blocks", "evicted_blocks", 1)):
+                delta = getattr(now, counts)[tier] - getattr(before, counts)[tier]
+                if delta:
+                    stats.add(f"{name}:{tier}", delta * scale)
+                    changed = True
+            if held != before.blocks_held[tier] or changed:
                 stats.data[f"held_blocks:{tier}"] = held
+        for tier, (read, written) in io_now.items():
+            was_read, was_written = io_before.get(tier, (0, 0))
+            if read > was_read:
+                stats.add(f"tier_read_bytes:{tier}", read - was_read)
+            if written > was_written:
+                stats.add(f"tier_written_bytes:{tier}", written - was_written)
         return None if stats.is_empty() else stats
 
     @property
@@ -249,7 +384,8 @@ class SchedulerSide:
 
     @property
     def num_inflight(self) -> int:
-        return len(self._loading) + len(self._loading_layerwise) + len(self._saving) + self.tiers.num_pending
+        return (len(self._loading) + len(self._loading_layerwise) + len(self._saving) + len(self._held)
+                + self.tiers.num_pending)
 
     def shutdown(self) -> None:
         """Let in-flight lower-tier writes land (bounded), so a restart finds them."""

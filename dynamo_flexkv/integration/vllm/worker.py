@@ -9,9 +9,14 @@ schedule no tokens, where vLLM 0.26 never calls `wait_for_save`:
   is awaited up front instead — slower, never wrong.
 - *async loads* (hits not loaded in-step, or staged from SSD): the request waits outside the batch
   until `get_finished` reports them.
-- *saves* (finished requests, whose blocks no forward writes any more): ordered after the work
-  already queued; vLLM keeps the GPU blocks until `get_finished` reports them. A save that is never
+- *saves* (full blocks computed by earlier steps, of running or finished requests; no forward
+  writes them any more): ordered after the work already queued. Each is reported by its save id in
+  the `FlexKVWorkerReport`; a finished request's GPU blocks are held by vLLM (`hold`) until none of
+  its saves is in flight, then `get_finished` reports the request as sent. A save that is never
   started would hold its GPU blocks forever, and a full cache would then never schedule again.
+- *preemption saves* (requests vLLM preempted in this step, whose freed blocks this very step may
+  reuse): started and awaited in `handle_preemptions`, which vLLM calls before anything of the step
+  touches the cache; earlier saves of those requests still in flight are awaited there too.
 `get_finished` (called at the end of every step) closes the step's layer-wise loads and reports
 finished transfers. A failed load reports its blocks as load errors, so vLLM recomputes them; a failed
 save is reported back so the scheduler releases the slots unannounced.
@@ -20,6 +25,7 @@ save is reported back so the scheduler releases the slots unannounced.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +37,6 @@ from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout
 from dynamo_flexkv.transfer.copier import BlockCopier, make_copier
 from dynamo_flexkv.transfer.layerwise import (
-    LayerwiseLoad,
     TransferHandle,
     start_layerwise_load,
     start_load,
@@ -46,6 +51,8 @@ class _InFlight:
     job: BlockTransfer
     kind: str  # "load" or "save"
     handle: TransferHandle | None  # None: it failed to start
+    started: float  # time.perf_counter() when it was started
+    landed: float | None  # when it was seen landed (None: not yet)
 
 
 def _finished_ok(handle: TransferHandle | None) -> bool:
@@ -70,10 +77,12 @@ class WorkerSide:
         self.copier: BlockCopier | None = None
         self._layer_index: dict[str, int] = {}
         self._in_flight: list[_InFlight] = []
-        self._layerwise: list[tuple[BlockTransfer, LayerwiseLoad | None]] = []
+        self._layerwise: list[_InFlight] = []  # handles are LayerwiseLoads
         self._hooks_seen = False
         self._load_errors: set[int] = set()
         self._report = FlexKVWorkerReport()
+        self._held: set[str] = set()  # finished requests whose blocks vLLM keeps for our saves
+        self._preemptions_handled: FlexKVStepMetadata | None = None
         self.stats = FlexKVStats()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -87,46 +96,72 @@ class WorkerSide:
             self.rank, len(layout.layer_names), layout.shard_bytes, type(self.copier).__name__, layout.device,
         )
 
-    def _start(self, job: BlockTransfer, kind: str, start) -> TransferHandle | None:
+    def _start(self, job: BlockTransfer, kind: str, start) -> _InFlight:
+        started = time.perf_counter()
         try:
-            return start()
+            handle = start()
         except Exception:  # e.g. a bad block id: fail this transfer, keep serving
             logger.exception("%s of request %s could not start", kind, job.request_id)
-            return None
+            return _InFlight(job, kind, None, started, None)
+        # a copy that completed inside start (CPU) is timed now, not when the step ends
+        return _InFlight(job, kind, handle, started, time.perf_counter() if handle.done() else None)
+
+    def _record(self, t: _InFlight) -> None:
+        """Bytes, duration and size of a transfer that landed."""
+        nbytes = t.handle.nbytes
+        self.stats.add("loaded_bytes" if t.kind == "load" else "saved_bytes", nbytes)
+        self.stats.add(f"{t.kind}_seconds", (t.landed or time.perf_counter()) - t.started)
+        self.stats.observe(f"{t.kind}_size_bytes", nbytes)
 
     # --- per step --------------------------------------------------------------------------------
+
+    def handle_preemptions(self, metadata: FlexKVStepMetadata) -> None:
+        """Save what preempted requests computed, and let every save of theirs land, before this
+        step reuses their blocks."""
+        self._preemptions_handled = metadata
+        for job in metadata.preemption_saves:
+            self._start_save(job)
+        preempted = set(metadata.preempted)
+        for t in self._in_flight:
+            if t.kind == "save" and t.job.request_id in preempted and t.handle is not None:
+                t.handle.wait()
+
+    def _start_save(self, job: BlockTransfer) -> None:
+        self._in_flight.append(self._start(job, "save", lambda: start_save(self.copier, job.block_ids, job.slots)))
 
     def start_step(self, metadata: FlexKVStepMetadata) -> None:
         """Start every transfer of this step: layer-wise loads first (this forward waits for them),
         then loads between steps, then saves."""
+        if self._preemptions_handled is not metadata:  # an engine that never calls the hook
+            self.handle_preemptions(metadata)
         copier = self.copier
         for job in metadata.layerwise_loads:
             load = self._start(job, "load", lambda job=job: start_layerwise_load(copier, job.slots, job.block_ids))
-            if load is not None and not self._hooks_seen:
-                load.wait_all()  # no per-layer hook seen yet: the forward must find every layer landed
-            self._layerwise.append((job, load))
+            if load.handle is not None and not self._hooks_seen:
+                load.handle.wait_all()  # no per-layer hook seen yet: the forward must find every layer landed
+            self._layerwise.append(load)
         for job in metadata.loads:
             self._load_errors.update(job.unavailable)
-            handle = self._start(job, "load", lambda job=job: start_load(copier, job.slots, job.block_ids))
-            self._in_flight.append(_InFlight(job, "load", handle))
+            self._in_flight.append(self._start(job, "load", lambda job=job: start_load(copier, job.slots, job.block_ids)))
         for job in metadata.saves:
-            handle = self._start(job, "save", lambda job=job: start_save(copier, job.block_ids, job.slots))
-            self._in_flight.append(_InFlight(job, "save", handle))
+            self._start_save(job)
+        self._held.update(metadata.hold)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._hooks_seen = True
         if self._layerwise:
             index = self._layer_index[layer_name]
-            for _, load in self._layerwise:
-                if load is not None:
-                    load.wait_layer(index)
+            for load in self._layerwise:
+                if load.handle is not None:
+                    load.handle.wait_layer(index)
 
     def _finish_layerwise_loads(self) -> None:
         """End of the step: the forward consumed them; record failures for vLLM to recompute."""
-        for job, load in self._layerwise:
+        for load in self._layerwise:
+            job = load.job
             self._report.done_layerwise.add(job.request_id)
-            if _finished_ok(load):
-                self.stats.add("loaded_bytes", load.nbytes)
+            if _finished_ok(load.handle):
+                self._record(load)
             else:
                 self._load_errors.update(job.block_ids)
                 self._report.failed_loads.add(job.request_id)
@@ -137,7 +172,7 @@ class WorkerSide:
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         self._finish_layerwise_loads()
-        saved, loaded = set(), set()
+        loaded = set()
         still = []
         for t in self._in_flight:
             if t.handle is not None and not t.handle.done():
@@ -148,19 +183,22 @@ class WorkerSide:
             if t.kind == "load":
                 loaded.add(request_id)
                 if ok:
-                    self.stats.add("loaded_bytes", t.handle.nbytes)
+                    self._record(t)
                 else:
                     self._load_errors.update(t.job.block_ids)
                     self._report.failed_loads.add(request_id)
                     self.stats.add("failed_loads", 1)
             else:
-                saved.add(request_id)
+                self._report.saves_done[t.job.save_id] = 1
                 if ok:
-                    self.stats.add("saved_bytes", t.handle.nbytes)
+                    self._record(t)
                 else:
-                    self._report.failed_saves.add(request_id)
+                    self._report.failed_saves.add(t.job.save_id)
                     self.stats.add("failed_saves", 1)
         self._in_flight = still
+        saving = {t.job.request_id for t in still if t.kind == "save"}
+        saved = self._held - saving
+        self._held -= saved
         return saved, loaded
 
     def take_load_errors(self) -> set[int]:
@@ -169,7 +207,7 @@ class WorkerSide:
 
     def take_report(self) -> FlexKVWorkerReport | None:
         report = self._report
-        if not (report.failed_loads or report.failed_saves or report.done_layerwise):
+        if not (report.failed_loads or report.failed_saves or report.done_layerwise or report.saves_done):
             return None
         self._report = FlexKVWorkerReport()
         return report
