@@ -50,6 +50,13 @@ def returning_ttft_by_repetition(result: PassResult, q: float) -> list[float]:
 COMPARISONS = (("flexkv", "baseline", "FlexKV / without"), ("cluster", "flexkv", "cluster tier / without"))
 
 
+def ttft_by_turn(result: PassResult, turn: int, q: float = 0.5) -> Spread:
+    """The q-percentile of one turn index's TTFT (all users), once per repetition."""
+    repetitions = sorted({r.repetition for r in result.records})
+    return Spread.of([percentile([r.ttft_ms for r in result.records if r.repetition == rep and r.turn == turn], q)
+                      for rep in repetitions])
+
+
 def ratio_by_repetition(result: PassResult, peer: PassResult, q: float = 0.5) -> Spread:
     """A pass's returning-turn TTFT percentile over its peer's, paired by repetition (same prompts)."""
     pairs = zip(returning_ttft_by_repetition(result, q), returning_ttft_by_repetition(peer, q))
@@ -132,12 +139,18 @@ def print_report(results: list[PassResult], header: list[str]) -> None:
                              for rep in reps])
         print(f"{result.name:9} {str(all_p50):>20} {str(Spread.of(returning_ttft_by_repetition(result, 0.5))):>20} "
               f"{str(Spread.of(returning_ttft_by_repetition(result, 0.9))):>20}")
+    turns = sorted({r.turn for result in results for r in result.records})
+    print(f"{'pass':9} " + " ".join(f"{f'turn {t + 1} p50':>20}" for t in turns))
+    for result in results:
+        print(f"{result.name:9} " + " ".join(f"{str(ttft_by_turn(result, t)):>20}" for t in turns))
     by_name = {r.name: r for r in results}
     for name, peer, label in COMPARISONS:
         if {name, peer} <= set(by_name):
             ratio = ratio_by_repetition(by_name[name], by_name[peer])
             print(f"returning-turn TTFT p50, {label}: {ratio.median:.2f}x "
-                  f"(min-max over repetitions {ratio.low:.2f}-{ratio.high:.2f})")
+                  f"(min-max over repetitions {ratio.low:.2f}-{ratio.high:.2f}); by turn: " + ", ".join(
+                      f"{t + 1}: {ttft_by_turn(by_name[name], t).median / ttft_by_turn(by_name[peer], t).median:.2f}x"
+                      for t in turns))
     same, compared = answers_match(results)
     if compared:
         feature = "the cluster tier" if "cluster" in by_name else "FlexKV"
