@@ -9,7 +9,8 @@ So the router's count is compared with the publishers' at rest.
 
 The cluster pass (`--cluster`) starts a Mooncake master for the pass; both workers contribute memory
 to that one store and send every user's turn to the worker that did not serve the user's previous
-turn, so a returning turn finds its prefix only in the other worker's caches -- or in the store.
+turn, so the blocks a returning turn's previous turn added live only in the other worker's caches --
+or in the store.
 """
 
 from __future__ import annotations
