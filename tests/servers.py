@@ -5,43 +5,30 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from dynamo_flexkv.integration.dynamo.processes import Deployment, free_port
+from dynamo_flexkv.integration.dynamo.processes import (
+    MOONCAKE_CLIENT,
+    MOONCAKE_LOOPBACK_ENV,
+    Deployment,
+    free_port,
+    mooncake_master_argv,
+    start_mooncake_master,
+)
 
-MOONCAKE_MASTER = str(Path(sys.executable).with_name("mooncake_master"))
-MOONCAKE_CLIENT = str(Path(sys.executable).with_name("mooncake_client"))  # a store node: holds a segment
-# Mooncake's transfer engine listens on every interface unless told otherwise; keep it on loopback.
-os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
-os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
-
-
-def master_argv(port: int, host: str = "127.0.0.1") -> list[str]:
-    # The master's admin/metrics server defaults to 0.0.0.0:9003: give each master its own port,
-    # on the master's address, so two masters (two test sessions) never collide.
-    return [MOONCAKE_MASTER, f"-rpc_port={port}", f"-rpc_address={host}", f"-metrics_host={host}",
-            f"-metrics_port={free_port()}", "-logtostderr"]
-
-
-def answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
+for _name, _value in MOONCAKE_LOOPBACK_ENV.items():  # in-process Mooncake clients of the tests too
+    os.environ.setdefault(_name, _value)
 
 
 @contextlib.contextmanager
 def mooncake_master(workdir: Path) -> Iterator[tuple[Deployment, str]]:
     """A Mooncake master on a free loopback port: (its deployment, the remote_store URL)."""
-    port = free_port()
     with Deployment(workdir) as services:
-        services.start("mooncake-master", master_argv(port))
-        services.wait_for(lambda: answers(port), 30, "mooncake_master listening")
-        yield services, f"mooncake://127.0.0.1:{port}"
+        yield services, start_mooncake_master(services)
 
 
 class PrivateNetwork:
@@ -112,7 +99,7 @@ def mooncake_cluster(workdir: Path, nodes: int, segment: str = "256MB") -> Itera
         with Deployment(workdir) as services:
             env = {"MC_TCP_BIND_ADDRESS": host}
             services.start("mooncake-master", network.run_in(network.store, [
-                *master_argv(port, host), "-enable_http_metadata_server=true",
+                *mooncake_master_argv(port, host), "-enable_http_metadata_server=true",
                 f"-http_metadata_server_host={host}", f"-http_metadata_server_port={http}"]), env)
             probe = network.run_in(network.store, [sys.executable, "-c", _PROBE, host, str(port)])
             services.wait_for(lambda: subprocess.run(probe, timeout=10).returncode == 0, 30, "mooncake_master listening")

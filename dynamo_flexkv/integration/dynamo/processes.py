@@ -35,6 +35,12 @@ _CLEARED_ENV = ("FLEXKV_SERVER_RECV_PORT", "FLEXKV_CONFIG_PATH", "DYN_CONNECTOR"
                 "DYN_VLLM_KV_EVENT_PORT", "DYN_SYSTEM_PORT", "DYN_HTTP_PORT", "VLLM_NIXL_SIDE_CHANNEL_PORT")
 
 
+MOONCAKE_MASTER = str(Path(PYTHON).with_name("mooncake_master"))
+MOONCAKE_CLIENT = str(Path(PYTHON).with_name("mooncake_client"))  # a store node: holds a segment
+# Mooncake's transfer engine listens on every interface unless told otherwise: keep it on loopback.
+MOONCAKE_LOOPBACK_ENV = {"MC_TCP_BIND_ADDRESS": "127.0.0.1", "MC_LOG_LEVEL": "ERROR"}
+
+
 def log(message: str) -> None:
     print(f"[dynamo-flexkv {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -71,6 +77,7 @@ def local_env(workdir: Path, base: Mapping[str, str] | None = None) -> dict[str,
         "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONHASHSEED": "0", "PYTHONUNBUFFERED": "1",
         # UCX (NIXL): loopback only; without ^ib every process that made a UCX backend segfaults at exit.
         "UCX_MODULES": "^ib", "UCX_NET_DEVICES": "lo",
+        **MOONCAKE_LOOPBACK_ENV,
     })
     return env
 
@@ -89,6 +96,31 @@ def worker_argv(*args: str, model: Path | str = TINY_MODEL, served_name: str = "
     """`python -m dynamo_flexkv.vllm` with the tiny model's CPU defaults, then `args`."""
     return [PYTHON, "-m", "dynamo_flexkv.vllm", "--model", str(model), "--served-model-name", served_name,
             *TINY_ENGINE_ARGS, *args]
+
+
+def mooncake_master_argv(port: int, host: str = "127.0.0.1") -> list[str]:
+    # The master's admin/metrics server defaults to 0.0.0.0:9003: give each master its own port,
+    # on the master's address, so two masters (two test sessions, a demo) never collide.
+    return [MOONCAKE_MASTER, f"-rpc_port={port}", f"-rpc_address={host}", f"-metrics_host={host}",
+            f"-metrics_port={free_port()}", "-logtostderr"]
+
+
+def answers(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def start_mooncake_master(deployment: Deployment, name: str = "mooncake-master") -> str:
+    """A Mooncake master on a free loopback port, as a service of `deployment`; returns the
+    `remote_store` URL once it listens. Workers contribute the store's memory (`remote_cache_gb`)."""
+    port = free_port()
+    deployment.start(name, mooncake_master_argv(port))
+    deployment.wait_for(lambda: answers(port), 30, f"{name} listening on port {port}")
+    return f"mooncake://127.0.0.1:{port}"
 
 
 def session_members(sid: int) -> list[int]:
