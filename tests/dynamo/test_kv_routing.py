@@ -74,16 +74,17 @@ def held(stream: KvEventStream, medium: str) -> set[int]:
     return rules.held.get(medium, set())
 
 
-def wait_router_caught_up(routing: Routing) -> dict[str, int]:
-    """Poll the frontend until its router applied every update the workers published."""
+def wait_router_caught_up(routing: Routing) -> tuple[dict[str, int], dict]:
+    """Poll the frontend until its router applied exactly the updates the workers published so far
+    (saves land after answers, so more may still come): returns (published, applied) of that moment."""
     def caught_up():
+        applied = client.events_applied(routing.recipe.frontend_metrics())
         want = {"stored": 0, "removed": 0, "cleared": 0}
         for stream in routing.streams:
             for kind, n in router_updates(stream.batches()).items():
                 want[kind] += n
-        applied = client.events_applied(routing.recipe.frontend_metrics())
         got = {kind: sum(v for (k, _), v in applied.items() if k == kind) for kind in want}
-        return want if all(got[k] >= want[k] for k in want) else None
+        return (want, applied) if got == want else None
     return client.wait_until(caught_up, 60, "router applied every published KV event")
 
 
@@ -128,11 +129,9 @@ def test_evicted_prompts_are_routed_back_to_their_cpu_tier(routing, routed_back)
 
 
 def test_router_applied_every_event_including_cpu_tier(routing, routed_back):
-    want = wait_router_caught_up(routing)
-    applied = client.events_applied(routing.recipe.frontend_metrics())
+    want, applied = wait_router_caught_up(routing)  # N of N applied, at one moment
     bad = {key: n for key, n in applied.items() if key[1] != "ok" and n}
     assert bad == {}, f"router rejected events: {bad}"
-    assert {kind: int(sum(n for (k, _), n in applied.items() if k == kind)) for kind in want} == want
     published = count_events(e for s in routing.streams for e in s.events())
     assert published.get(("BlockStored", "CPU"), 0) >= 4, published
     warnings = [s for s in routing.recipe.frontend_metrics() if s.name == client.EVENT_WARNINGS and s.value]
