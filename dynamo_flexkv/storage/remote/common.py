@@ -118,3 +118,20 @@ class Health:
             self.healthy, self.reason = True, None
         if news:
             logger.warning("tier %s: recovered", self.name)
+
+
+class RemoteTierBase:
+    """What every shared (cluster) backend answers the same way: health from its `_health`
+    (a `Health`), and always writable (a write to an unreachable store fails fast as a miss)."""
+
+    shared = True
+    writable = True
+    _health: Health
+
+    @property
+    def healthy(self) -> bool:
+        return self._health.healthy
+
+    @property
+    def degraded_reason(self) -> str | None:
+        return self._health.reason

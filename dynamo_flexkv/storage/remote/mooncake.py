@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from dynamo_flexkv.storage.backend import IoResult, completed, failed_io
-from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing, Health, RemoteStats, view_blocks
+from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing, Health, RemoteStats, RemoteTierBase, view_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,9 @@ def route_address(host: str, port: int) -> str:
         return probe.getsockname()[0]
 
 
-class MooncakeTier:
+class MooncakeTier(RemoteTierBase):
     name = "MOONCAKE"
     medium = None  # the master evicts without telling us: blocks are not announced to the router
-    shared = True
-    writable = True  # a write to an unreachable store fails fast as a miss
 
     def __init__(self, url: str, layout: Mapping[str, Any], slot_bytes: int, settings: Any):
         split = urlsplit(url)
@@ -113,14 +111,6 @@ class MooncakeTier:
                         f"{settings.remote_metadata_server}, segment {settings.remote_cache_bytes} bytes)")
             self._store = store
             return None
-
-    @property
-    def healthy(self) -> bool:
-        return self._health.healthy
-
-    @property
-    def degraded_reason(self) -> str | None:
-        return self._health.reason
 
     # ---- I/O ------------------------------------------------------------------------------
 

@@ -19,18 +19,16 @@ import numpy as np
 import redis
 
 from dynamo_flexkv.storage.backend import IoResult, completed, failed_io
-from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing, Health, RemoteStats, view_blocks
+from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing, Health, RemoteStats, RemoteTierBase, view_blocks
 
 logger = logging.getLogger(__name__)
 
 IO_THREADS = 2
 
 
-class RedisTier:
+class RedisTier(RemoteTierBase):
     name = "REDIS"
     medium = None  # Redis evicts without telling us: blocks are not announced to the router
-    shared = True
-    writable = True  # a write to an unreachable store fails fast as a miss
 
     def __init__(self, client: redis.Redis, url: str, layout: Mapping[str, Any], slot_bytes: int,
                  capacity_bytes: int, retry_s: float):
@@ -61,14 +59,6 @@ class RedisTier:
         logger.info("tier %s: %s, namespace %s, %d blocks in this instance's view", cls.name, url,
                     tier._framing.namespace, tier.num_slots)
         return tier
-
-    @property
-    def healthy(self) -> bool:
-        return self._health.healthy
-
-    @property
-    def degraded_reason(self) -> str | None:
-        return self._health.reason
 
     def write(self, pool, pool_slots: Sequence[int], addrs: Sequence[int], keys: Sequence[bytes],
               parents=None, tokens=None) -> Future[IoResult]:
