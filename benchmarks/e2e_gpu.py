@@ -8,12 +8,16 @@ the lent H200), one table per run:
                                                  #   greedy tokens vs recompute, TTFT of a re-asked
                                                  #   4k/16k/32k prompt, decode tokens/s while saves run
     python3 benchmarks/e2e_gpu.py --table pool   # pinning the CPU pool: 8/32/96 GiB
-    (--configs a,b picks engine configs; --tp 2 on a two-GPU machine; --out FILE.json writes the raw
-    figures; --report FILE.json... prints the tables of one or more such files, merged)
+    (--configs a,b picks engine configs; --parts picks among correctness,ttft,decode; --tp 2 on a
+    two-GPU machine; --model mla for the MLA shape; --cuda-graphs runs vLLM's default CUDA-graph and
+    torch.compile mode instead of eager; --out FILE.json writes the raw figures; --report FILE.json...
+    prints the tables of one or more such files, merged)
 
-The model has Llama-3-8B's shape (32 layers, 32 heads, 8 KV heads, head dim 128, hidden 4096,
-MLP 14336, bf16) with random weights written on the device under a fixed seed, and the offline
-tokenizer's vocabulary. Every engine config runs in its own process (dynamo_flexkv.harness), one
+The default model has Llama-3-8B's shape (32 layers, 32 heads, 8 KV heads, head dim 128, hidden 4096,
+MLP 14336, bf16); `--model mla` has DeepSeek-V2-Lite's attention (27 layers, 16 heads, multi-head
+latent attention: a 512-wide latent plus 64 RoPE dims cached per token and layer, one "KV head") with
+dense MLPs in place of its experts. Both get random weights written on the device under a fixed seed,
+and the offline tokenizer's vocabulary. Every engine config runs in its own process (dynamo_flexkv.harness), one
 after the other, on the same prompts. A prompt's prefix is pushed out of vLLM's GPU cache either by
 cache pressure (a small `num_gpu_blocks_override`) or by `reset_prefix_cache`, which drops vLLM's own
 cache only; the connector keeps its tiers.
@@ -40,6 +44,11 @@ from dynamo_flexkv.harness import EngineHost  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128)
+# DeepSeek-V2-Lite's attention; its MoE layers replaced by dense MLPs (first_k_dense_replace = all)
+MLA_LITE = dict(hidden_size=2048, intermediate_size=10944, num_hidden_layers=27, num_attention_heads=16,
+                num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                qk_nope_head_dim=128, v_head_dim=128, first_k_dense_replace=27, n_routed_experts=64,
+                num_experts_per_tok=6, moe_intermediate_size=1408, n_shared_experts=2)
 KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x kv heads x head dim x (K, V) x bf16
 CPU_GB = 16  # the CPU budget every offloading config gets
 FLEXKV = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both"}
@@ -51,8 +60,9 @@ def log(message: str) -> None:
 
 # --- the model -----------------------------------------------------------------------------------
 
-def write_random_llama(out: Path, shape: dict[str, int], seed: int = 0) -> Path:
-    """A Llama checkpoint with random weights, generated on the GPU and written as safetensors."""
+def write_random_model(out: Path, kind: str, seed: int = 0) -> Path:
+    """A checkpoint with random weights, generated on the GPU and written as safetensors:
+    `llama` (LLAMA3_8B) or `mla` (MLA_LITE, DeepseekV2ForCausalLM)."""
     import torch
     from safetensors.torch import save_file
 
@@ -62,33 +72,50 @@ def write_random_llama(out: Path, shape: dict[str, int], seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
+    shape = LLAMA3_8B if kind == "llama" else MLA_LITE
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-        "max_position_embeddings": 65536, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "bos_token_id": 0, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "hidden_act": "silu", **shape,
+        "vocab_size": vocab, "max_position_embeddings": 65536, "rms_norm_eps": 1e-5, "bos_token_id": 0,
+        "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu", **shape,
     }
+    if kind == "llama":
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=500000.0)
+    else:
+        config.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", rope_theta=10000.0,
+                      rope_scaling=None, topk_method="greedy", n_group=1, topk_group=1, moe_layer_freq=1,
+                      routed_scaling_factor=1.0, norm_topk_prob=False, scoring_func="softmax", aux_loss_alpha=0.0)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    h, m, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
-    q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
+    h, m = shape["hidden_size"], shape["intermediate_size"]
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
     def rand(*size: int, std: float = 0.02):
         return (torch.randn(*size, generator=gen, device="cuda") * std).to(torch.bfloat16).cpu()
 
+    def ones(size: int):
+        return torch.ones(size, dtype=torch.bfloat16)
+
+    def attention(p: str) -> dict:
+        heads = shape["num_attention_heads"]
+        if kind == "llama":
+            d, kv_heads = shape["head_dim"], shape["num_key_value_heads"]
+            return {p + "q_proj.weight": rand(heads * d, h), p + "k_proj.weight": rand(kv_heads * d, h),
+                    p + "v_proj.weight": rand(kv_heads * d, h), p + "o_proj.weight": rand(h, heads * d)}
+        latent, rope = shape["kv_lora_rank"], shape["qk_rope_head_dim"]
+        nope, v = shape["qk_nope_head_dim"], shape["v_head_dim"]
+        return {p + "q_proj.weight": rand(heads * (nope + rope), h),
+                p + "kv_a_proj_with_mqa.weight": rand(latent + rope, h), p + "kv_a_layernorm.weight": ones(latent),
+                p + "kv_b_proj.weight": rand(heads * (nope + v), latent), p + "o_proj.weight": rand(h, heads * v)}
+
     index = {}
-    head = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+    head = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": ones(h),
             "lm_head.weight": rand(vocab, h, std=0.16)}  # wider logits: greedy decoding without near-ties
     shards = [head]
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shards.append({
-            p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
+            **attention(p + "self_attn."),
             p + "mlp.gate_proj.weight": rand(m, h), p + "mlp.up_proj.weight": rand(m, h),
             p + "mlp.down_proj.weight": rand(h, m),
-            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
         })
     for n, tensors in enumerate(shards):
         name = f"model-{n:05d}.safetensors"
@@ -189,13 +216,16 @@ def decode(host: EngineHost, batches: list[int], reps: int, saver_len: int = 819
     return rows
 
 
-def run_config(model: Path, name: str, base: dict, reps: int, decode_reps: int) -> dict:
+def run_config(model: Path, name: str, base: dict, parts: list[str], reps: int, decode_reps: int) -> dict:
+    result = {}
     with start(model, name, base) as host:
         host.generate(prompts_of(99, 1, 512), max_tokens=2)  # warm-up: kernels, allocator
-        result = {"correctness": pressure_then_again(host, prompts_of(1, 16, 6000), max_tokens=32)}
-        log(f"  correctness: loaded tokens when asked again {result['correctness']['again_loaded_tokens']}")
-        result["ttft"] = ttft(host, [4096, 16384, 32768], reps)
-        if decode_reps:
+        if "correctness" in parts:
+            result["correctness"] = pressure_then_again(host, prompts_of(1, 16, 6000), max_tokens=32)
+            log(f"  correctness: loaded tokens when asked again {result['correctness']['again_loaded_tokens']}")
+        if "ttft" in parts:
+            result["ttft"] = ttft(host, [4096, 16384, 32768], reps)
+        if "decode" in parts and decode_reps:
             result["decode"] = decode(host, [1, 32], decode_reps)
     return result
 
@@ -317,7 +347,10 @@ def main() -> None:
     parser.add_argument("--table", choices=["smoke", "all", "pool"])
     parser.add_argument("--report", nargs="+", help="print the tables of these result files")
     parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "flexkv-llama3-8b-shape"))
+    parser.add_argument("--model", choices=["llama", "mla"], default="llama", help="the all table's model shape")
+    parser.add_argument("--model-dir", help="where the random model is written (default: a temp dir per --model)")
+    parser.add_argument("--parts", default="correctness,ttft,decode", help="the all table's measurements")
+    parser.add_argument("--cuda-graphs", action="store_true", help="vLLM's default CUDA graphs instead of eager")
     parser.add_argument("--configs", help="comma-separated engine configs (default: the table's)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", help="write the raw figures as JSON here")
@@ -326,7 +359,7 @@ def main() -> None:
     if args.report:
         report(args.report)
         return
-    base = dict(enforce_eager=True, enable_prefix_caching=True, dtype="bfloat16", seed=0,
+    base = dict(enforce_eager=not args.cuda_graphs, enable_prefix_caching=True, dtype="bfloat16", seed=0,
                 tensor_parallel_size=args.tp, gpu_memory_utilization=0.85, max_num_seqs=64)
     if args.table == "smoke":
         from dynamo_flexkv.tiny_model import build
@@ -337,14 +370,19 @@ def main() -> None:
         data = smoke(model, _pick(args, configs), base)
     elif args.table == "all":
         began = time.perf_counter()
-        model = write_random_llama(Path(args.model_dir), LLAMA3_8B)
+        model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"flexkv-{args.model}-shape")
+        model = write_random_model(Path(model_dir), args.model)
         log(f"model at {model} ({time.perf_counter() - began:.0f}s)")
-        # 64k tokens of vLLM cache: a 32k prompt fits, 16 x 6k prompts do not (cache pressure)
-        base.update(num_gpu_blocks_override=4096, max_model_len=32768 + 64)
+        # 64k tokens of vLLM cache: a 32k prompt fits, 16 x 6k prompts do not (cache pressure).
+        # MLA on Hopper runs FlashMLA, whose blocks are 64 tokens.
+        block = 64 if args.model == "mla" else 16
+        base.update(block_size=block, num_gpu_blocks_override=65536 // block, max_model_len=32768 + 64)
         configs = ["recompute", "flexkv-layerwise", "flexkv-async", "vllm-offloading", "vllm-simple-offload"]
+        parts = args.parts.split(",")
         data = {}
         for name in _pick(args, configs):
-            data[name] = run_config(model, name, base, args.reps, 0 if name.startswith("vllm-") else max(3, args.reps // 2))
+            decode_reps = 0 if name.startswith("vllm-") else max(3, args.reps // 2)
+            data[name] = run_config(model, name, base, parts, args.reps, decode_reps)
             _write(args, data)  # a run cut short keeps the configs it finished
     else:
         data = {"pool": pool([8, 32, 96])}
@@ -352,7 +390,7 @@ def main() -> None:
 
 
 def _write(args, data: dict) -> str:
-    record = {"table": args.table, "tp": args.tp, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    record = {"table": args.table, "tp": args.tp, "model": args.model, "cuda_graphs": args.cuda_graphs, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": _machine(), "results": data}
     out = args.out or os.path.join(tempfile.gettempdir(), f"e2e_gpu-{args.table}.json")
     Path(out).write_text(json.dumps(record, indent=1))

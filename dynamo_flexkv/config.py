@@ -167,11 +167,15 @@ class FlexKVSettings(BaseModel):
             "x-default": "unset (auto: unique per instance)",
         },
     )
-    layerwise_load: bool = Field(
-        True,
+    layerwise_load: Literal["auto"] | bool = Field(
+        "auto",
         description="Load CPU-tier hits in the same step as the forward pass, layer by layer (layer i "
         "computes while layer i+1 is still arriving). Off: every hit is loaded between steps. Hits "
-        "that must first come up from SSD are always loaded between steps.",
+        "that must first come up from SSD are always loaded between steps. Per-layer waits cannot "
+        "run inside a CUDA graph, so on makes vLLM replace full CUDA graphs by piecewise ones, which "
+        "slows decoding (docs/gpu.md); auto loads layer by layer only when vLLM runs without full "
+        "CUDA graphs (eager, or the CPU build).",
+        json_schema_extra={"x-allowed": "auto, or true or false (also 1/0, yes/no, on/off)"},
     )
     cpu_async_copies: bool = Field(
         False,
@@ -353,7 +357,7 @@ class FlexKVSettings(BaseModel):
             return value.strip()
         return value
 
-    @field_validator("eviction_policy", "save_policy", "ssd_io_engine", mode="before")
+    @field_validator("eviction_policy", "save_policy", "ssd_io_engine", "layerwise_load", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -791,6 +795,8 @@ def _type_text(field: str, annotation: Any) -> str:
         return "string"
     if annotation is bool:
         return "boolean"
+    if set(typing.get_args(annotation)) == {Literal["auto"], bool}:
+        return "auto or boolean"
     if annotation is int:
         return "integer"
     if annotation is float:

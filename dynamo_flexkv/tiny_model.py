@@ -5,6 +5,8 @@ trained on a seeded synthetic corpus (every byte stays encodable) with a ChatML 
 `LlamaForCausalLM` with random bf16 weights under a fixed seed. Same inputs, same model.
 
 - `TINY` (2 layers, 128 wide): the tests' model; a whole prompt is recomputed in milliseconds.
+- `build_mla`: a 2-layer DeepSeek-V2-style model with multi-head latent attention (MLA), whose KV
+  cache is one 576-wide latent per token and layer, the shape the CPU build's MLA kernel accepts.
 - `DEMO` (4 layers, 1024 wide, grouped-query attention, float32): big enough that prefill dominates
   a request on a CPU — a 2k-token prompt costs hundreds of milliseconds on 2 cores — so a KV cache has
   something to save, yet built in seconds and small in memory (~0.2 GiB of weights, 16 KiB of KV per
@@ -146,6 +148,30 @@ def build(out_dir: str | Path, shape: ModelShape = TINY) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
     build_model(out, vocab, shape)
+    return out
+
+
+def build_mla(out_dir: str | Path) -> Path:
+    """A tiny DeepseekV2ForCausalLM: MLA with DeepSeek's latent (512) and RoPE (64) widths, dense
+    MLPs in every layer (`first_k_dense_replace` = all layers, so no experts are built)."""
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(out)
+    torch.manual_seed(SEED)
+    config = DeepseekV2Config(
+        vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32,
+        v_head_dim=32, first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=128, max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=0,
+        eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16",
+    )
+    model = DeepseekV2ForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # decisive greedy decoding, as in build_model
+    model.save_pretrained(out, safe_serialization=True)
     return out
 
 

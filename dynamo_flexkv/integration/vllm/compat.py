@@ -7,12 +7,14 @@ tests/test_vllm_versions.py). They call the connector's hooks in different order
 - 0.32 adds optional hooks for hybrid models (their defaults are right for one KV-cache group).
 The connector needs no version branch for any of them: the worker starts every transfer of a step in
 `start_load_kv`, which every version calls once per step, with or without a forward pass, and
-reports completions in `get_finished`. A difference that cannot be absorbed that way belongs here.
+reports completions in `get_finished`. A difference that cannot be absorbed that way belongs here,
+as do the facts read from vLLM's config that decide how the connector runs.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 TESTED_RANGE = ((0, 26), (0, 32))  # first and last tested minor version
 
@@ -27,3 +29,16 @@ def untested_version_warning(version: str) -> str | None:
     if low <= minor <= high:
         return None
     return f"dynamo-flexkv is tested with vLLM 0.26-0.32; this is vLLM {version}: report problems with the version"
+
+
+def loads_layer_by_layer(setting: str | bool, vllm_config: Any) -> bool:
+    """Whether CPU-tier hits are loaded layer by layer inside the step (`layerwise_load`).
+
+    vLLM skips the per-layer waits of a step it replays as a full CUDA graph, so with `true` the
+    connector asks vLLM for piecewise graphs (`requires_piecewise_for_cudagraph`), which cost decode
+    speed: measured 0.62-0.67x on the H200 (docs/gpu.md). `auto` keeps vLLM's full graphs and loads
+    between steps whenever they are on; eager engines and the CPU build load layer by layer."""
+    if setting != "auto":
+        return bool(setting)
+    mode = vllm_config.compilation_config.cudagraph_mode
+    return mode is None or not mode.has_full_cudagraphs()

@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.flexkv_connector import FlexKV
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from dynamo_flexkv.config import load_settings
-from dynamo_flexkv.integration.vllm.compat import untested_version_warning
+from dynamo_flexkv.integration.vllm.compat import loads_layer_by_layer, untested_version_warning
 from dynamo_flexkv.integration.vllm.instance import describe_instance
 from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
@@ -94,8 +94,13 @@ class FlexKVConnector(FlexKVConnectorV1):
 
             kv_events = vllm_config.kv_events_config
             publish = bool(kv_events and kv_events.enable_kv_cache_events)
+            layerwise = loads_layer_by_layer(settings.layerwise_load, vllm_config)
+            logger.info("layerwise_load=%s: CPU-tier hits load %s (cudagraph_mode %s)", settings.layerwise_load,
+                        "layer by layer inside the step" if layerwise else "between steps",
+                        vllm_config.compilation_config.cudagraph_mode)
             self._owner_lock = claim_pool_owner(facts.identity)  # held for the life of the process
-            self._scheduler = SchedulerSide(facts, settings, publish_events=publish)
+            self._scheduler = SchedulerSide(facts, settings.model_copy(update={"layerwise_load": layerwise}),
+                                            publish_events=publish)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -158,7 +163,7 @@ class FlexKVConnector(FlexKVConnectorV1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        return load_settings(extra_config).layerwise_load  # per-layer waits cannot be graph-captured
+        return load_settings(extra_config).layerwise_load is True  # per-layer waits cannot be graph-captured
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
         return  # whole blocks are saved in a later step (save_policy), not layer by layer
