@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from dynamo_flexkv.storage.layout import PoolGeometry
-from dynamo_flexkv.storage.private_files import is_ours, open_private
+from dynamo_flexkv.storage.private_files import lock_unheld, open_private
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +43,17 @@ def sweep_stale_pools(shm_dir: Path = SHM_DIR) -> list[str]:
     are not ours (another user's, links, anything odd) are left alone and never stop the sweep."""
     removed = []
     for path in shm_dir.glob(POOL_PREFIX + "*"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
+        held = lock_unheld(path, allow_empty=path.name.endswith(OWNER_SUFFIX))  # owner files stay empty
+        if held is None:
             continue
+        fd, st = held
         try:
-            st = os.fstat(fd)
-            if not is_ours(st):
-                continue
-            if st.st_size == 0 and not path.name.endswith(OWNER_SUFFIX):
-                continue  # a pool being created: its creator locks it right after sizing it
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.lstat(path).st_ino != st.st_ino:
                 continue  # replaced since we opened it
             path.unlink()
             removed.append(path.name)
         except OSError:
-            continue  # in use (EWOULDBLOCK), or gone meanwhile
+            continue  # gone meanwhile
         finally:
             os.close(fd)
     for name in removed:

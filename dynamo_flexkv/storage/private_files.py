@@ -5,12 +5,13 @@ world-writable). So a file is only ever used when this process created it, or wh
 file owned by this user with no group/other permissions: links are never followed (`O_NOFOLLOW`),
 new files are created exclusively (`O_EXCL`) with mode 0600, and anything else is refused with an
 error that names the file and its owner. Callers that merely scan a directory (sweepers) use
-`is_ours` and skip what is not theirs instead of failing.
+`lock_unheld` and skip what is not theirs instead of failing.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -25,6 +26,25 @@ class ForeignFileError(ValueError):
 def is_ours(st: os.stat_result) -> bool:
     """A regular file owned by this user that no other user can read or write."""
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def lock_unheld(path: Path, allow_empty: bool = False) -> tuple[int, os.stat_result] | None:
+    """Open `path` and take its exclusive lock if it is ours and no live process holds it: returns
+    (fd holding the lock, its stat), the caller closes fd; else None. An empty file is skipped
+    unless `allow_empty`: its creator is still sizing it and locks it right after."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if is_ours(st) and (st.st_size > 0 or allow_empty):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, st
+    except OSError:
+        pass  # held by a live process (EWOULDBLOCK), or gone meanwhile
+    os.close(fd)
+    return None
 
 
 def _refusal(path: Path, st: os.stat_result | None, why: str) -> ForeignFileError:

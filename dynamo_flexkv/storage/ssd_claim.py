@@ -24,7 +24,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from dynamo_flexkv.storage.private_files import ForeignFileError, is_ours, open_private
+from dynamo_flexkv.storage.private_files import ForeignFileError, lock_unheld, open_private
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +62,9 @@ def _dead_files(directory: str, keep: str | None):
     for path in entries:
         if path.name == keep:
             continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            if not is_ours(st) or st.st_size == 0:  # size 0: a store creating it right now
-                os.close(fd)
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        yield path, fd, st
+        held = lock_unheld(path)  # an empty file: a store creating it right now
+        if held is not None:
+            yield path, *held
 
 
 def reclaimable_bytes(directory: str) -> int:
