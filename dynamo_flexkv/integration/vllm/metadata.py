@@ -12,7 +12,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 @dataclass(frozen=True)
 class BlockTransfer:
-    """Copy the blocks of one request: `block_ids[i]` (vLLM cache) <-> `slots[i]` (CPU pool).
+    """Copy the blocks of one request, per KV-cache group g: `block_ids[g][i]` (vLLM cache, the
+    group's layers) <-> `slots[g][i]` (that group's part of a CPU-pool slot). A group's lists leave
+    out the blocks it does not copy (vLLM's null blocks, KV a slot does not hold).
 
     `unavailable` (loads only) are GPU blocks promised to vLLM that turned out unloadable (a lower
     tier failed them): the worker reports them as load errors, so vLLM recomputes them.
@@ -20,10 +22,14 @@ class BlockTransfer:
     """
 
     request_id: str
-    block_ids: tuple[int, ...]
-    slots: tuple[int, ...]
+    block_ids: tuple[tuple[int, ...], ...]
+    slots: tuple[tuple[int, ...], ...]
     unavailable: tuple[int, ...] = ()
     save_id: str = ""
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(ids) for ids in self.block_ids)
 
 
 @dataclass
