@@ -35,20 +35,20 @@ def describe_instance(
     if parallel.pipeline_parallel_size > 1:
         raise ValueError("dynamo-flexkv does not support pipeline parallelism yet (pipeline_parallel_size > 1)")
     vllm_groups = kv_cache_config.kv_cache_groups
-    groups = tuple(_kv_group(g.kv_cache_spec, len(vllm_groups)) for g in vllm_groups)
-    if None in groups:
+    found = [_kv_group(g.kv_cache_spec, len(vllm_groups)) for g in vllm_groups]
+    if None in found:
         raise ValueError(
             "dynamo-flexkv stores KV-cache groups of full attention (FullAttentionSpec, MLAAttentionSpec) "
-            "and sliding-window attention (SlidingWindowSpec); this model's groups are "
-            f"{[type(g.kv_cache_spec).__name__ for g in vllm_groups]}: serve it without the connector"
+            "and sliding-window attention (SlidingWindowSpec), not Mamba or linear-attention state; this "
+            f"model's groups are {[type(g.kv_cache_spec).__name__ for g in vllm_groups]}: serve it without the connector"
         )
-    facts_groups = tuple(g for g in groups if g is not None)
-    hybrid = len(groups) > 1 or facts_groups[0].window is not None
+    groups = tuple(g for g in found if g is not None)
+    hybrid = len(groups) > 1 or groups[0].window is not None
     if hybrid and settings.remote_enabled:
         raise ValueError(
-            "remote_store cannot serve this model's KV-cache groups "
-            f"({', '.join(g.kind for g in facts_groups)}): which groups a shared block holds is not "
-            "recorded in the store yet; unset remote_store (the CPU and SSD tiers serve hybrid models)"
+            f"remote_store cannot serve this model's KV-cache groups ({', '.join(g.kind for g in groups)}): "
+            "which groups a shared block holds is not recorded in the store yet; unset remote_store "
+            "(the CPU and SSD tiers serve hybrid models)"
         )
     spec = vllm_groups[0].kv_cache_spec
     if any(g.kv_cache_spec.block_size != spec.block_size for g in vllm_groups):
@@ -74,9 +74,9 @@ def describe_instance(
         **kv_fingerprint(vllm_config.model_config),  # weights, quantization, RoPE, ...
     }
     if hybrid:  # a slot's bytes are the groups' layers in group order
-        layout["groups"] = ",".join(g.kind for g in facts_groups)
+        layout["groups"] = ",".join(g.kind for g in groups)
     return InstanceFacts(identity=identity, block_size=spec.block_size, geometry=geometry, layout=layout,
-                         groups=facts_groups, group_layers=tuple(tuple(g.layer_names) for g in vllm_groups))
+                         groups=groups, group_layers=tuple(tuple(g.layer_names) for g in vllm_groups))
 
 
 def _kv_group(spec: KVCacheSpec, num_groups: int) -> KVGroup | None:

@@ -94,6 +94,7 @@ class SchedulerSide:
         self._save_acks: dict[str, int] = {}  # save id -> ranks that finished it so far
         self._save_failed: set[str] = set()
         self._held: set[str] = set()  # finished requests whose GPU blocks vLLM keeps for our saves
+        self._lacking: dict[str, int] = {}  # request id -> first block of its load a group could not fill
         self._save_seq = 0
         self._step = FlexKVStepMetadata()
         logger.info(
@@ -201,6 +202,10 @@ class SchedulerSide:
             if lacking:  # the hit was cut for every group (usable_hit): vLLM kept more than it predicts
                 logger.warning("group %d of request %s: %d blocks the tier does not hold, recomputed",
                                bit, request_id, len(lacking))
+                # dropped when the load completes, or the request would match them again and again
+                first_lacking = next(j for j, block_id in enumerate(ids[:usable])
+                                     if block_id != NULL_BLOCK_ID and not masks[j] >> bit & 1)
+                self._lacking[request_id] = min(first_lacking, self._lacking.get(request_id, first_lacking))
             group_ids.append(tuple(block_id for block_id, _ in copies))
             group_slots.append(tuple(slot for _, slot in copies))
             unavailable += [block_id for block_id, _ in lacking]
@@ -382,7 +387,11 @@ class SchedulerSide:
             return
         request_id = plan.request_id
         ok = request_id not in report.failed_loads
-        self.engine.complete_load(request_id, success=ok, bad_keys=() if ok else plan.keys)
+        lacking = self._lacking.pop(request_id, None)
+        if lacking is not None:  # a group found blocks it needs missing: drop them, the request recomputes
+            self.engine.complete_load(request_id, success=False, bad_keys=plan.keys[lacking:])
+        else:
+            self.engine.complete_load(request_id, success=ok, bad_keys=() if ok else plan.keys)
         if not ok:
             logger.warning("load failed, blocks dropped and recomputed: request=%s", request_id)
 
