@@ -93,6 +93,23 @@ def test_a_hit_the_window_cannot_use_is_recomputed(sliding_model, hybrid_referen
     assert [got_branch.token_ids, got_stored.token_ids] == [c.token_ids for c in want]
 
 
+def test_each_group_comes_back_from_the_ssd_tier(sliding_model, hybrid_reference, prompts, tmp_path):
+    """A CPU tier of 8 blocks: the prompts soon live on SSD only, and a hit is staged back into the
+    CPU tier with the groups each block holds, then loaded group by group."""
+    block_bytes = 4 * 2 * 2 * BLOCK * 64 * 2  # layers x (k, v) x kv heads x tokens x head dim x bf16
+    env = {"FLEXKV_CPU_CACHE_GB": str(8 * block_bytes / 2**30), "FLEXKV_SSD_CACHE_GB": str(200 * block_bytes / 2**30),
+           "FLEXKV_SSD_CACHE_DIR": str(tmp_path)}
+    with EngineHost(sliding_model, {**HYBRID_ENGINE, "kv_transfer_config": COMPAT_CONFIG}, env=env) as host:
+        assert host.flexkv_state()["cpu_slots"] == 8
+        want, first, again = _serve_twice(host, hybrid_reference, prompts, seed=24)
+        state = host.flexkv_state()
+    assert [c.token_ids for c in first] == [c.token_ids for c in want]
+    assert [c.token_ids for c in again] == [c.token_ids for c in want]
+    assert [c.flexkv_tokens for c in again] == [len(p) // BLOCK * BLOCK for p in prompts]
+    assert state["engine_stats"]["hit_blocks"]["SSD"] > 0
+    assert state["accounting"]["problems"] == []
+
+
 def test_a_hybrid_ssm_model_is_refused_at_start_up_with_one_clear_error(hybrid_ssm_model):
     """Mamba state groups are not stored: the connector names the model's groups and what it stores,
     before vLLM allocates its KV cache (the CPU build cannot run this model's forward anyway)."""
