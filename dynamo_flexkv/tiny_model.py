@@ -182,8 +182,14 @@ def _build_sliding_window_model(out: Path, vocab_size: int, shape: ModelShape) -
         torch_dtype=shape.dtype,
     )
     model = Gemma2ForCausalLM(config).to(getattr(torch, shape.dtype))
-    with torch.no_grad():  # tied: wider embeddings widen the logits (fewer near-ties in greedy decoding)
-        model.model.embed_tokens.weight.mul_(8.0)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(7.0)  # wider logits (fewer near-ties); Gemma's norms scale by 1 + weight
+        for layer in model.model.layers:
+            # peaked attention, outweighing the tied input embedding in the residual stream: the next
+            # token depends on particular cached positions, not mostly on the current token
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+            layer.post_attention_layernorm.weight.fill_(7.0)
     model.save_pretrained(out, safe_serialization=True)
 
 
