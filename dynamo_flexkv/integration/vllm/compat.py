@@ -4,7 +4,8 @@ Tested: 0.26 on CUDA (the lent H200, benchmarks/e2e_gpu.py), 0.31 and 0.32 on th
 tests/test_vllm_versions.py). They call the connector's hooks in different orders:
 - 0.26's model runners skip `wait_for_save` in a step that schedules no tokens;
 - 0.31+ call `start_load_kv` after the forward pass when no load must land before it;
-- 0.32 adds optional hooks for hybrid models (their defaults are right for one KV-cache group).
+- 0.32 adds optional hooks for hybrid models; their defaults are right for this connector (a load
+  restores every prefix-cacheable group: `get_loaded_kv_cache_group_ids`).
 The connector needs no version branch for any of them: the worker starts every transfer of a step in
 `start_load_kv`, which every version calls once per step, with or without a forward pass, and
 reports completions in `get_finished`. A difference that cannot be absorbed that way belongs here.
