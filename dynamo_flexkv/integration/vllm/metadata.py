@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -27,9 +28,12 @@ class BlockTransfer:
     unavailable: tuple[int, ...] = ()
     save_id: str = ""
 
-    @property
-    def num_blocks(self) -> int:
-        return sum(len(ids) for ids in self.block_ids)
+    @classmethod
+    def of_groups(cls, request_id: str, pairs: Sequence[Sequence[tuple[int, int]]],
+                  unavailable: Sequence[int] = (), save_id: str = "") -> BlockTransfer:
+        """From `(block id, slot)` pairs per group."""
+        return cls(request_id, tuple(tuple(block_id for block_id, _ in group) for group in pairs),
+                   tuple(tuple(slot for _, slot in group) for group in pairs), tuple(unavailable), save_id)
 
 
 @dataclass

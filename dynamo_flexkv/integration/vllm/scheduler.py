@@ -192,25 +192,18 @@ class SchedulerSide:
         the group's KV, or it is beyond the `usable` blocks staging delivered) is unavailable: vLLM
         recomputes it."""
         usable = len(plan.keys) if usable is None else usable
-        group_ids, group_slots, unavailable = [], [], []
+        pairs, unavailable = [], []
         for bit, ids in enumerate(block_ids):
-            copies, lacking = [], []
-            for j, block_id in enumerate(ids):
-                if block_id == NULL_BLOCK_ID or j >= usable:
-                    continue
-                (copies if masks[j] >> bit & 1 else lacking).append((block_id, plan.slots[j]))
-            if lacking:  # the hit was cut for every group (usable_hit): vLLM kept more than it predicts
+            live = [(j, block_id) for j, block_id in enumerate(ids) if block_id != NULL_BLOCK_ID]
+            lacking = [j for j, _ in live if j < usable and not masks[j] >> bit & 1]
+            pairs.append([(block_id, plan.slots[j]) for j, block_id in live if j < usable and masks[j] >> bit & 1])
+            unavailable += [block_id for j, block_id in live if j >= usable or j in lacking]
+            if lacking:  # usable_hit cut the hit for every group: vLLM kept more blocks than predicted
                 logger.warning("group %d of request %s: %d blocks the tier does not hold, recomputed",
                                bit, request_id, len(lacking))
                 # dropped when the load completes, or the request would match them again and again
-                first_lacking = next(j for j, block_id in enumerate(ids[:usable])
-                                     if block_id != NULL_BLOCK_ID and not masks[j] >> bit & 1)
-                self._lacking[request_id] = min(first_lacking, self._lacking.get(request_id, first_lacking))
-            group_ids.append(tuple(block_id for block_id, _ in copies))
-            group_slots.append(tuple(slot for _, slot in copies))
-            unavailable += [block_id for block_id, _ in lacking]
-            unavailable += [block_id for block_id in ids[usable:] if block_id != NULL_BLOCK_ID]
-        return BlockTransfer(request_id, tuple(group_ids), tuple(group_slots), tuple(unavailable))
+                self._lacking[request_id] = min(lacking[0], self._lacking.get(request_id, lacking[0]))
+        return BlockTransfer.of_groups(request_id, pairs, unavailable)
 
     def _release_match(self, request_id: str) -> None:
         if self._matched.pop(request_id, None) is not None:
@@ -274,13 +267,9 @@ class SchedulerSide:
             self._remember_tokens(request, indices, plan.keys)
         self._saving[save_id] = (request.request_id, plan)
         logger.debug("save scheduled: request=%s save=%s blocks=%d", request.request_id, save_id, len(plan.keys))
-        group_ids, group_slots = [], []
-        for bit, ids in enumerate(tracked.block_ids):
-            held = [(ids[i], slot) for i, slot in zip(indices, plan.slots)
-                    if masks is None or masks[i - start] >> bit & 1]
-            group_ids.append(tuple(block_id for block_id, _ in held))
-            group_slots.append(tuple(slot for _, slot in held))
-        return BlockTransfer(request.request_id, tuple(group_ids), tuple(group_slots), save_id=save_id)
+        pairs = [[(ids[i], slot) for i, slot in zip(indices, plan.slots) if masks is None or masks[i - start] >> bit & 1]
+                 for bit, ids in enumerate(tracked.block_ids)]
+        return BlockTransfer.of_groups(request.request_id, pairs, save_id=save_id)
 
     def _remember_tokens(self, request: Request, indices: list[int], keys) -> None:
         tokens, size = request.all_token_ids, self.block_size
