@@ -171,7 +171,8 @@ class FlexKVSettings(BaseModel):
         True,
         description="Load CPU-tier hits in the same step as the forward pass, layer by layer (layer i "
         "computes while layer i+1 is still arriving). Off: every hit is loaded between steps. Hits "
-        "that must first come up from SSD are always loaded between steps.",
+        "that must first come up from SSD, and every hit of a hybrid model (several KV-cache groups "
+        "or a sliding window), are always loaded between steps.",
     )
     cpu_async_copies: bool = Field(
         False,
