@@ -171,10 +171,11 @@ class FlexKVSettings(BaseModel):
         "auto",
         description="Load CPU-tier hits in the same step as the forward pass, layer by layer (layer i "
         "computes while layer i+1 is still arriving). Off: every hit is loaded between steps. Hits "
-        "that must first come up from SSD are always loaded between steps. Per-layer waits cannot "
-        "run inside a CUDA graph, so on makes vLLM replace full CUDA graphs by piecewise ones, which "
-        "slows decoding (docs/gpu.md); auto loads layer by layer only when vLLM runs without full "
-        "CUDA graphs (eager, or the CPU build).",
+        "that must first come up from SSD, and every hit of a hybrid model (several KV-cache groups "
+        "or a sliding window), are always loaded between steps. Per-layer waits cannot run inside a "
+        "CUDA graph, so on makes vLLM replace full CUDA graphs by piecewise ones, which slows "
+        "decoding (docs/gpu.md); auto loads layer by layer only when vLLM runs without full CUDA "
+        "graphs (eager, or the CPU build).",
         json_schema_extra={"x-allowed": "auto, or true or false (also 1/0, yes/no, on/off)"},
     )
     cpu_async_copies: bool = Field(

@@ -172,7 +172,7 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str |
             if command == "generate":
                 result = _generate(engine, side, **message)
             elif command == "flexkv_state":
-                result = _flexkv_state(connector, side)
+                result = _flexkv_state(scheduler, side)
             elif command == "cpu_resident_blocks":
                 result = [side.engine.lookup(_block_hashes(engine, p)) for p in message["prompts"]]
             elif command == "drain":
@@ -246,12 +246,19 @@ def _drain(engine, side, timeout_s: float = 120) -> None:
         engine.step()
 
 
-def _flexkv_state(connector, side) -> dict[str, Any]:
+def _flexkv_state(scheduler, side) -> dict[str, Any]:
+    connector = scheduler.connector
+    engine = {  # vLLM's own view: whether its hybrid KV cache manager is on, and its KV-cache groups
+        "connector": type(connector).__module__ + "." + type(connector).__name__ if connector else None,
+        "hybrid_manager": not scheduler.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager,
+        "kv_cache_groups": [type(g.kv_cache_spec).__name__ for g in scheduler.kv_cache_config.kv_cache_groups],
+    }
     if side is None:
-        return {"connector": type(connector).__module__ + "." + type(connector).__name__ if connector else None}
+        return engine
     tier = side.engine.tiers[0]
     state = {
-        "connector": type(connector).__module__ + "." + type(connector).__name__,
+        **engine,
+        "flexkv_groups": [g.kind for g in side.groups],
         "pool": side.identity,  # the /dev/shm name of its CPU tier
         "cpu_slots": tier.num_slots,
         "cpu_used": tier.num_used,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.index.engine import CacheEngine
+from dynamo_flexkv.index.groups import KVGroup
 from dynamo_flexkv.index.plans import LoadPlan
 from dynamo_flexkv.index.policies import make_policy
 from dynamo_flexkv.index.tier import TierIndex
@@ -43,6 +44,14 @@ class InstanceFacts:
     block_size: int  # tokens per vLLM block
     geometry: PoolGeometry
     layout: dict[str, str | int]  # what a stored block's bytes depend on: namespaces the lower tiers
+    # the model's KV-cache groups, and the layers of each (a slot holds group 0's layers, then group 1's...)
+    groups: tuple[KVGroup, ...] = (KVGroup("full_attention"),)
+    group_layers: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether a stored block may hold only some groups' KV (a sliding-window group, or several)."""
+        return len(self.groups) > 1 or self.groups[0].window is not None
 
 
 def require_shared_hashes(hash_algo: str, setting: str) -> None:
@@ -160,7 +169,9 @@ class TierStack:
         # blocks found from an earlier run, per tier: the scheduler announces those with tokens
         self.recovered: dict[str, list[RecoveredBlock]] = {}
         for backend in self.backends:
-            found = backend.recover()
+            # which groups' KV a block holds is not recorded on disk: a hybrid model's blocks from an
+            # earlier run cannot be trusted to hold every group, so they are overwritten instead
+            found = [] if facts.hybrid else backend.recover()
             if found:  # with their parents: chains stay intact for eviction
                 self.engine.restore(backend.name, [(b.key, b.addr, b.parent) for b in found])
                 self.recovered[backend.name] = found

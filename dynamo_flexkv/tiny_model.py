@@ -5,6 +5,10 @@ trained on a seeded synthetic corpus (every byte stays encodable) with a ChatML 
 `LlamaForCausalLM` with random bf16 weights under a fixed seed. Same inputs, same model.
 
 - `TINY` (2 layers, 128 wide): the tests' model; a whole prompt is recomputed in milliseconds.
+- `SLIDING` (4 layers, 128 wide, Gemma-2 style): sliding-window and full-attention layers alternate, so
+  vLLM's hybrid KV cache manager keeps two KV-cache groups; the hybrid-model tests' model.
+- `HYBRID_SSM` (2 layers, Jamba style): a Mamba layer and an attention layer (a `MambaSpec` and a
+  `FullAttentionSpec` group); the CPU build cannot run its forward, the tests check it is refused.
 - `build_mla`: a 2-layer DeepSeek-V2-style model with multi-head latent attention (MLA), whose KV
   cache is one 576-wide latent per token and layer, the shape the CPU build's MLA kernel accepts.
 - `DEMO` (4 layers, 1024 wide, grouped-query attention, float32): big enough that prefill dominates
@@ -13,7 +17,7 @@ trained on a seeded synthetic corpus (every byte stays encodable) with a ChatML 
   token). Float32, because a random model's greedy answers flip on bf16 rounding: a prompt whose KV
   was loaded must give the same answer as one recomputed in a different batch shape.
 
-Usage: python -m dynamo_flexkv.tiny_model [--demo] OUTPUT_DIR
+Usage: python -m dynamo_flexkv.tiny_model [--demo | --sliding] OUTPUT_DIR
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class ModelShape:
     kv_heads: int
     head_dim: int = 64  # CPU attention accepts 32..512 in the usual steps
     dtype: str = "bfloat16"  # of the saved weights, and so of the engine's (`--dtype auto`) compute and KV
+    sliding_window: int | None = None  # set: a Gemma-2-style model, every other layer attends this many tokens
+    ssm: bool = False  # a Jamba-style model: Mamba layers, then attention layers
 
     def parameters(self, vocab_size: int) -> int:
         attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
@@ -114,12 +120,20 @@ class ModelShape:
 
 TINY = ModelShape(layers=2, hidden=128, intermediate=256, heads=2, kv_heads=2)
 DEMO = ModelShape(layers=4, hidden=1024, intermediate=2816, heads=16, kv_heads=8, dtype="float32")
+SLIDING = ModelShape(layers=4, hidden=128, intermediate=256, heads=2, kv_heads=2, sliding_window=64)
+HYBRID_SSM = ModelShape(layers=2, hidden=128, intermediate=256, heads=2, kv_heads=2, ssm=True)
 
 
 def build_model(out: Path, vocab_size: int, shape: ModelShape = TINY) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if shape.sliding_window is not None:
+        _build_sliding_window_model(out, vocab_size, shape)
+        return
+    if shape.ssm:
+        _build_hybrid_ssm_model(out, vocab_size, shape)
+        return
     torch.manual_seed(SEED)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -141,6 +155,73 @@ def build_model(out: Path, vocab_size: int, shape: ModelShape = TINY) -> None:
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(out, safe_serialization=True)
+
+
+def _build_sliding_window_model(out: Path, vocab_size: int, shape: ModelShape) -> None:
+    """Gemma-2 layout: layers 0, 2, ... attend a sliding window, 1, 3, ... every token. No logit
+    soft-capping (the CPU attention does without it); embeddings tied, as vLLM's Gemma-2 loads them."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(SEED)
+    config = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        query_pre_attn_scalar=shape.head_dim,
+        sliding_window=shape.sliding_window,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        max_position_embeddings=8192,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        torch_dtype=shape.dtype,
+    )
+    model = Gemma2ForCausalLM(config).to(getattr(torch, shape.dtype))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(7.0)  # wider logits (fewer near-ties); Gemma's norms scale by 1 + weight
+        for layer in model.model.layers:
+            # peaked attention, outweighing the tied input embedding in the residual stream: the next
+            # token depends on particular cached positions, not mostly on the current token
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+            layer.post_attention_layernorm.weight.fill_(7.0)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _build_hybrid_ssm_model(out: Path, vocab_size: int, shape: ModelShape) -> None:
+    """Jamba layout: layer 0 Mamba, layer 1 attention (and so on); one expert, so no MoE."""
+    import torch
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(SEED)
+    config = JambaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        num_experts=1,
+        num_experts_per_tok=1,
+        mamba_dt_rank=8,
+        use_mamba_kernels=False,
+        max_position_embeddings=8192,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        torch_dtype=shape.dtype,
+    )
+    JambaForCausalLM(config).to(getattr(torch, shape.dtype)).save_pretrained(out, safe_serialization=True)
 
 
 def build(out_dir: str | Path, shape: ModelShape = TINY) -> Path:
@@ -178,10 +259,12 @@ def build_mla(out_dir: str | Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m dynamo_flexkv.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("--demo", action="store_true", help="the demo's model (DEMO) instead of the tests' (TINY)")
+    parser.add_argument("--sliding", action="store_true", help="the hybrid-model tests' model (SLIDING)")
     parser.add_argument("output_dir", type=Path)
     args = parser.parse_args()
-    shape = DEMO if args.demo else TINY
-    print(f"{'demo' if args.demo else 'tiny'} model ({shape}) written to {build(args.output_dir, shape)}")
+    name = "demo" if args.demo else "sliding" if args.sliding else "tiny"
+    shape = {"demo": DEMO, "sliding": SLIDING, "tiny": TINY}[name]
+    print(f"{name} model ({shape}) written to {build(args.output_dir, shape)}")
 
 
 if __name__ == "__main__":

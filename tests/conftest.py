@@ -23,6 +23,23 @@ def tiny_model() -> str:
 
 
 @pytest.fixture(scope="session")
+def sliding_model(tmp_path_factory) -> str:
+    """A Gemma-2-style model: sliding-window and full-attention layers, two KV-cache groups in vLLM
+    (built in seconds)."""
+    from dynamo_flexkv.tiny_model import SLIDING, build
+
+    return str(build(tmp_path_factory.mktemp("sliding-window-model"), SLIDING))
+
+
+@pytest.fixture(scope="session")
+def hybrid_ssm_model(tmp_path_factory) -> str:
+    """A Jamba-style model: a Mamba and an attention layer (a MambaSpec and a FullAttentionSpec group)."""
+    from dynamo_flexkv.tiny_model import HYBRID_SSM, build
+
+    return str(build(tmp_path_factory.mktemp("hybrid-ssm-model"), HYBRID_SSM))
+
+
+@pytest.fixture(scope="session")
 def reference(tiny_model):
     from dynamo_flexkv.harness import EngineHost
     from tests.helpers import ENGINE

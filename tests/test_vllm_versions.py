@@ -19,7 +19,8 @@ pytestmark = pytest.mark.engine
 
 OVERLAYS = {"0.32.0": REPO / ".venv" / "vllm-0.32"}
 TESTS = ["tests/unit", "tests/integration/test_cpu_tier.py", "tests/integration/test_async_completion.py",
-         "tests/integration/test_ssd_tier.py", "tests/integration/test_saves_while_running.py"]
+         "tests/integration/test_ssd_tier.py", "tests/integration/test_saves_while_running.py",
+         "tests/integration/test_hybrid_models.py"]
 
 
 @pytest.mark.parametrize("version", sorted(OVERLAYS))

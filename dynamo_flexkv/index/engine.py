@@ -18,6 +18,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from dynamo_flexkv.index.groups import ALL_GROUPS
 from dynamo_flexkv.index.plans import (
     Cleared,
     EngineStats,
@@ -36,6 +37,7 @@ from dynamo_flexkv.index.tier import BlockState, TierIndex
 class _PendingStore:
     plan: StorePlan
     parents: tuple[bytes | None, ...]
+    groups: tuple[int, ...] | None  # KV-cache group masks of the plan's keys (None: every group)
 
 
 @dataclass(slots=True)
@@ -98,6 +100,17 @@ class CacheEngine:
                 break
             n += 1
         return n
+
+    def groups_of(self, keys: Sequence[bytes]) -> list[int]:
+        """The KV-cache group masks (see ``index.groups``) of the leading ``keys`` some tier holds
+        READY, as held by the tier a load reads each from (the first that has it)."""
+        masks = []
+        for key in keys:
+            tier = next((tier for tier in self._tiers if tier.is_ready(key)), None)
+            if tier is None:
+                break
+            masks.append(tier.groups_of(key))
+        return masks
 
     def touch(self, keys: Sequence[bytes]) -> None:
         """Record a hit on ``keys`` in every tier that holds them READY."""
@@ -178,7 +191,7 @@ class CacheEngine:
             source = self._by_name[staging.tier]
             source.unlock([key])
             if staging.index < usable:
-                top.commit([key])
+                top.commit([key], [source.groups_of(key)])
                 top.lock([key])
                 pending.locked.append(key)
                 committed.append(key)
@@ -245,11 +258,13 @@ class CacheEngine:
     # ---- stores --------------------------------------------------------------------------
 
     def prepare_store(
-        self, request_id: str, keys: Sequence[bytes], parents: Sequence[bytes | None]
+        self, request_id: str, keys: Sequence[bytes], parents: Sequence[bytes | None],
+        groups: Sequence[int] | None = None,
     ) -> StorePlan | None:
         """Reserve slots in the first tier for those ``keys`` it lacks; None if there are none.
 
-        ``parents[i]`` is the block ``keys[i]`` extends (None for the first block). Keys already
+        ``parents[i]`` is the block ``keys[i]`` extends (None for the first block); ``groups[i]``
+        the mask of the KV-cache groups whose KV the store copies (default: every group). Keys already
         present are skipped (READY ones count as a hit). A key is stored only if its parent is
         None, READY in the tier, or planned earlier in this call: a block is never placed where
         it would be unreachable, and its Stored event never precedes its parent's. Planning
@@ -267,9 +282,11 @@ class CacheEngine:
         hits: list[bytes] = []
         new_keys: list[bytes] = []
         new_parents: list[bytes | None] = []
+        new_groups: list[int] = []
         planned: set[bytes] = set()
         state_of, is_ready = tier.state_of, tier.is_ready
-        for key, parent in zip(keys, parents, strict=True):
+        masks = groups if groups is not None else [ALL_GROUPS] * len(keys)
+        for key, parent, mask in zip(keys, parents, masks, strict=True):
             state = state_of(key)
             if state is not None:
                 if state is BlockState.READY:
@@ -279,6 +296,7 @@ class CacheEngine:
                 break
             new_keys.append(key)
             new_parents.append(parent)
+            new_groups.append(mask)
             planned.add(key)
         tier.touch(hits)
         if not new_keys:
@@ -289,7 +307,8 @@ class CacheEngine:
         if placed == 0:
             return None
         plan = StorePlan(request_id, tier.name, tuple(new_keys[:placed]), tuple(slots))
-        self._stores[request_id] = _PendingStore(plan, tuple(new_parents[:placed]))
+        self._stores[request_id] = _PendingStore(plan, tuple(new_parents[:placed]),
+                                                 None if groups is None else tuple(new_groups[:placed]))
         return plan
 
     def complete_store(self, request_id: str, success: bool) -> None:
@@ -303,7 +322,7 @@ class CacheEngine:
         if not success:
             tier.rollback(plan.keys)
             return
-        tier.commit(plan.keys)
+        tier.commit(plan.keys, pending.groups)
         self._stats.stored_blocks[tier.name] += len(plan.keys)
         if self._record_events:
             self._events.append(Stored(tier.name, plan.keys, pending.parents))
@@ -370,7 +389,7 @@ class CacheEngine:
         src.unlock(plan.keys)
         dst.rollback(plan.keys[good:])
         if good:
-            dst.commit(plan.keys[:good])
+            dst.commit(plan.keys[:good], [src.groups_of(key) for key in plan.keys[:good]])
             self._stats.stored_blocks[dst.name] += good
             if self._record_events:
                 self._events.append(Stored(dst.name, plan.keys[:good], plan.parents[:good]))

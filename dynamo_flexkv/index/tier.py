@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NewType
 
+from dynamo_flexkv.index.groups import ALL_GROUPS
 from dynamo_flexkv.index.policies import EvictionPolicy
 
 Slot = NewType("Slot", int)
@@ -46,6 +47,7 @@ class _Entry:
     children: int  # resident entries (any state) whose parent is this key
     state: BlockState = _WRITING
     readers: int = 0  # locks held by loads
+    groups: int = ALL_GROUPS  # which KV-cache groups' KV the block holds (see index.groups)
 
     @property
     def evictable(self) -> bool:
@@ -110,6 +112,11 @@ class TierIndex:
     def state_of(self, key: bytes) -> BlockState | None:
         entry = self._entries.get(key)
         return None if entry is None else entry.state
+
+    def groups_of(self, key: bytes) -> int:
+        """The mask of the KV-cache groups whose KV block ``key`` holds (0 if absent)."""
+        entry = self._entries.get(key)
+        return 0 if entry is None else entry.groups
 
     def slot_of(self, key: bytes) -> Slot | None:
         entry = self._entries.get(key)
@@ -223,15 +230,21 @@ class TierIndex:
             self._remove(key)
         return AllocateResult(slots, evicted)
 
-    def commit(self, keys: Sequence[bytes]) -> None:
-        """WRITING -> READY: the blocks become matchable and evictable. ``ValueError`` (nothing
+    def commit(self, keys: Sequence[bytes], groups: Sequence[int] | None = None) -> None:
+        """WRITING -> READY: the blocks become matchable and evictable; ``groups[i]`` is the mask
+        of the KV-cache groups ``keys[i]`` holds (default: every group). ``ValueError`` (nothing
         changed) if any key is not WRITING."""
         entries = self._entries
         self._require_writing(keys, "commit")
+        if groups is not None and len(groups) != len(keys):
+            raise ValueError(f"tier {self.name}: {len(keys)} keys but {len(groups)} group masks")
         policy = self._policy
-        for key in reversed(keys):  # tail first: the head ends up youngest
+        for i in reversed(range(len(keys))):  # tail first: the head ends up youngest
+            key = keys[i]
             entry = entries[key]
             entry.state = _READY
+            if groups is not None:
+                entry.groups = groups[i]
             policy.insert(key, pinned=entry.children > 0)
 
     def rollback(self, keys: Sequence[bytes]) -> list[bytes]:

@@ -98,17 +98,21 @@ def _segments_of(tensor: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
 class KVCacheLayout:
     """The segments of one TP rank's KV cache, in a fixed order (layer order as registered).
 
+    A hybrid model's cache has one layout per KV-cache group (their block ids differ): each covers
+    the group's layers and starts `shard_offset` bytes into the rank's shard of a slot.
+
     `stacked` is a single strided view `[num_blocks, num_segments, segment_bytes]` over all
     segments when they sit at a constant distance from each other in one allocation (the usual case:
     vLLM carves every layer out of one buffer). Copies then take one gather and one scatter for all
     layers together; otherwise they take one per segment.
     """
 
-    def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int):
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int, shard_offset: int = 0):
         if not kv_caches:
             raise ValueError("no KV cache tensors were registered")
         self.layer_names = list(kv_caches)
         self.num_blocks = num_blocks
+        self.shard_offset = shard_offset
         self.segments = [seg for t in kv_caches.values() for seg in _segments_of(t, num_blocks)]
         self.segment_bytes = [seg.shape[1] for seg in self.segments]
         self.shard_bytes = sum(self.segment_bytes)
@@ -138,12 +142,12 @@ class KVCacheLayout:
 
     def shard_view(self, pool: torch.Tensor, geometry: PoolGeometry, rank: int) -> list[torch.Tensor]:
         """Per-segment views `[num_slots, segment_bytes]` of this rank's region of every pool slot."""
-        if self.shard_bytes != geometry.shard_bytes:
+        if self.shard_offset + self.shard_bytes > geometry.shard_bytes:
             raise ValueError(
-                f"KV cache holds {self.shard_bytes} bytes per block on this rank but the pool was sized "
-                f"for {geometry.shard_bytes}: the scheduler and worker disagree on the KV layout"
+                f"KV cache holds {self.shard_offset + self.shard_bytes} bytes per block on this rank but the "
+                f"pool was sized for {geometry.shard_bytes}: the scheduler and worker disagree on the KV layout"
             )
-        start = rank * geometry.shard_stride
+        start = rank * geometry.shard_stride + self.shard_offset
         views, offset = [], start
         for size in self.segment_bytes:
             views.append(pool[:, offset : offset + size])
@@ -152,6 +156,6 @@ class KVCacheLayout:
 
     def stacked_shard_view(self, pool: torch.Tensor, geometry: PoolGeometry, rank: int) -> torch.Tensor:
         """This rank's region of every slot as `[num_slots, num_segments, segment_bytes]`."""
-        start = rank * geometry.shard_stride
+        start = rank * geometry.shard_stride + self.shard_offset
         region = pool[:, start : start + self.shard_bytes]
         return region.view(pool.shape[0], len(self.segments), self.segment_bytes[0])

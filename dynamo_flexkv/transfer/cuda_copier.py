@@ -97,7 +97,7 @@ class SegmentTable:
     seg_stride: np.ndarray  # int64 [S]: bytes between consecutive blocks of segment s
     seg_bytes: np.ndarray  # int64 [S]
     seg_row_off: np.ndarray  # int64 [S + 1]: offset of segment s inside a shard (and the shard size)
-    pool_base: int  # address of this rank's shard in slot 0
+    pool_base: int  # address of this layout's part of this rank's shard in slot 0
     slot_bytes: int
     num_blocks: int
     num_slots: int
@@ -118,7 +118,7 @@ class SegmentTable:
             seg_stride=np.array([s.stride(0) * s.element_size() for s in segs], dtype=np.int64),
             seg_bytes=seg_bytes,
             seg_row_off=np.concatenate(([0], np.cumsum(seg_bytes))).astype(np.int64),
-            pool_base=pool.data_ptr() + rank * geometry.shard_stride,
+            pool_base=pool.data_ptr() + rank * geometry.shard_stride + layout.shard_offset,
             slot_bytes=geometry.slot_bytes,
             num_blocks=layout.num_blocks,
             num_slots=pool.shape[0],

@@ -193,6 +193,33 @@ class FutureTransferHandle(LayerwiseLoad):
         return self.nbytes
 
 
+class AllOf(TransferHandle):
+    """Several transfers awaited as one: a hybrid model's KV-cache groups each have their copier."""
+
+    def __init__(self, handles: Sequence[TransferHandle]):
+        super().__init__(sum(h.nbytes for h in handles))
+        self.handles = list(handles)
+
+    def done(self) -> bool:
+        return all(h.done() for h in self.handles)
+
+    def wait(self) -> None:
+        for h in self.handles:
+            h.wait()
+
+    def synchronize(self) -> int:
+        """Waits for every transfer, then raises the first failure."""
+        errors = []
+        for h in self.handles:
+            try:
+                h.synchronize()
+            except Exception as exc:  # the others must still land before their blocks are reused
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return self.nbytes
+
+
 def start_save(copier: Any, block_ids: Sequence[int], slots: Sequence[int]) -> TransferHandle:
     """GPU/CPU cache -> pool, asynchronously where the copier can (CUDA)."""
     if hasattr(copier, "save_async"):

@@ -174,13 +174,20 @@ def test_disaggregated_worker_without_nixl_is_an_error():
 
 
 @pytest.mark.parametrize("role", ["--is-prefill-worker", "--is-decode-worker"])
-def test_disaggregated_nixl_workers_turn_hybrid_manager_off(role):
-    t = run(role, "--connector", "nixl")
+def test_disaggregated_nixl_workers_keep_the_hybrid_manager(role):
+    """FlexKV and NIXL both support vLLM's hybrid manager: both sides keep it, so their hashes agree."""
+    assert "--disable-hybrid-kv-cache-manager" not in run(role, "--connector", "nixl", "flexkv").argv
+
+
+@pytest.mark.parametrize("role", ["--is-prefill-worker", "--is-decode-worker"])
+def test_with_kvbm_every_nixl_worker_turns_hybrid_manager_off(role):
+    """kvbm's PdConnector (the prefill side's connector when kvbm is installed) turns it off."""
+    t = run(role, "--connector", "nixl", kvbm=True)
     assert t.argv.count("--disable-hybrid-kv-cache-manager") == 1
 
 
 def test_explicit_hybrid_choice_is_respected():
-    t = run("--is-decode-worker", "--connector", "nixl", "--no-disable-hybrid-kv-cache-manager")
+    t = run("--is-decode-worker", "--connector", "nixl", "--no-disable-hybrid-kv-cache-manager", kvbm=True)
     assert "--disable-hybrid-kv-cache-manager" not in t.argv
 
 
@@ -249,13 +256,13 @@ def test_guide_pdconnector_becomes_multiconnector_without_kvbm():
     config = kv_config(t.argv)
     assert config["kv_connector"] == "MultiConnector" and "kv_connector_module_path" not in config
     assert children(config) == ["FlexKVConnectorV1", "NixlConnector"]
-    assert t.argv.count("--disable-hybrid-kv-cache-manager") == 1
+    assert "--disable-hybrid-kv-cache-manager" not in t.argv
     assert kv_config(run("--kv-transfer-config", guide, kvbm=True).argv)["kv_connector"] == "PdConnector"
 
 
 def test_underscore_spelling_of_vllm_flags_is_recognised():
     t = run("--kv_transfer_config", '{"kv_connector":"NixlConnector"}', "--is-decode-worker")
-    assert t.uses_nixl and "--disable-hybrid-kv-cache-manager" in t.argv
+    assert t.uses_nixl and value(t.argv, "--disaggregation-mode") == "decode"
 
 
 def test_hash_seed_defaults_to_zero_like_dynamo():

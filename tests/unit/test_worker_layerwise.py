@@ -1,5 +1,6 @@
 """The worker's layer-wise loads: per-layer waits once vLLM calls the per-layer hook, and a whole-load
-wait before the forward while it has not (engines whose attention never calls it)."""
+wait before the forward while it has not (engines whose attention never calls it); a hybrid model's
+KV-cache groups each copy their own blocks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from dynamo_flexkv.index.groups import KVGroup  # noqa: E402
 from dynamo_flexkv.integration.vllm import worker as worker_module  # noqa: E402
 from dynamo_flexkv.integration.vllm.instance import InstanceFacts  # noqa: E402
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata  # noqa: E402
@@ -51,7 +53,7 @@ def worker():
 
 def step(worker, monkeypatch, log) -> None:
     monkeypatch.setattr(worker_module, "start_layerwise_load", lambda copier, slots, ids: RecordingLoad(log))
-    worker.start_step(FlexKVStepMetadata(layerwise_loads=[BlockTransfer("r", (1, 2), (0, 1))]))
+    worker.start_step(FlexKVStepMetadata(layerwise_loads=[BlockTransfer("r", ((1, 2),), ((0, 1),))]))
 
 
 def test_without_hooks_the_whole_load_lands_before_the_forward(worker, monkeypatch):
@@ -81,7 +83,7 @@ def test_a_step_without_a_forward_starts_and_reports_its_saves(tmp_path):
     side.register_kv_caches(caches)
     try:
         # a finished request: vLLM holds its blocks until the save landed
-        side.start_step(FlexKVStepMetadata(saves=[BlockTransfer("r", (3, 5), (0, 2), save_id="r/0")], hold=["r"]))
+        side.start_step(FlexKVStepMetadata(saves=[BlockTransfer("r", ((3, 5),), ((0, 2),), save_id="r/0")], hold=["r"]))
         saved: set[str] = set()
         for _ in range(1000):  # later steps poll until the background copy finished
             saved |= side.get_finished()[0]
@@ -92,5 +94,37 @@ def test_a_step_without_a_forward_starts_and_reports_its_saves(tmp_path):
         assert side.take_report().saves_done == {"r/0": 1}
         pool = side.pool.tensor
         assert torch.equal(pool[0, :shard], torch.cat([caches[f"layer.{i}"][3].reshape(-1).view(torch.uint8) for i in range(LAYERS)]))
+    finally:
+        side.shutdown()
+
+
+def test_each_kv_cache_group_copies_its_own_blocks_into_its_part_of_a_slot():
+    """Two groups whose layers share tensors (vLLM's hybrid manager): a block id of group g indexes
+    group g's layers only, and each group lands in its own part of the slot and back."""
+    shared = [torch.randn(NUM_BLOCKS, 2, 16, 128).to(torch.bfloat16) for _ in range(2)]
+    caches = {"full.0": shared[0], "window.0": shared[0], "full.1": shared[1], "window.1": shared[1]}
+    layer_bytes = 2 * 16 * 128 * 2
+    facts = InstanceFacts(f"dynamo-flexkv-test-{uuid.uuid4().hex[:8]}", 16, PoolGeometry(4, 4 * layer_bytes, 1), {},
+                          groups=(KVGroup("full_attention"), KVGroup("sliding_window(32)", 32)),
+                          group_layers=(("full.0", "full.1"), ("window.0", "window.1")))
+    side = worker_module.WorkerSide(facts, rank=0, num_blocks=NUM_BLOCKS)
+    side.register_kv_caches(caches)
+    try:
+        # slot 0 holds both groups (full: block 1, window: block 2); slot 1 the full group only
+        side.start_step(FlexKVStepMetadata(saves=[BlockTransfer("r", ((1, 3), (2,)), ((0, 1), (0,)), save_id="r/0")]))
+        side.get_finished()
+        pool = side.pool.tensor
+
+        def block_bytes(block: int) -> torch.Tensor:
+            return torch.cat([t[block].reshape(-1).view(torch.uint8) for t in shared])
+
+        assert torch.equal(pool[0, : 2 * layer_bytes], block_bytes(1))
+        assert torch.equal(pool[0, 2 * layer_bytes : 4 * layer_bytes], block_bytes(2))
+        assert torch.equal(pool[1, : 2 * layer_bytes], block_bytes(3))
+        want = {block: block_bytes(source) for block, source in ((5, 1), (6, 2), (7, 3))}
+        side.start_step(FlexKVStepMetadata(loads=[BlockTransfer("q", ((5, 7), (6,)), ((0, 1), (0,)))]))
+        assert side.get_finished()[1] == {"q"}
+        for block, expected in want.items():
+            assert torch.equal(block_bytes(block), expected)
     finally:
         side.shutdown()

@@ -234,12 +234,13 @@ def translate(argv: Sequence[str], environ: Mapping[str, str], *, kvbm_available
     if mode in ("prefill", "decode"):
         if not uses_nixl and names:
             raise LauncherError(f"a {mode} worker moves KV through NIXL: add nixl (e.g. --connector nixl flexkv)")
-        # One compatibility hash on both sides: FlexKV (no hybrid-manager support) turns it off on
-        # the prefill side, so every NIXL worker of the deployment turns it off (Dynamo's guide).
-        if uses_nixl and not (_find(rest, "--disable-hybrid-kv-cache-manager")
-                              or _find(rest, "--no-disable-hybrid-kv-cache-manager")):
+        # NIXL's handshake compares a compatibility hash that includes the hybrid-manager switch.
+        # FlexKV and NIXL keep the manager on; kvbm's PdConnector, which a prefill worker gets when
+        # kvbm is installed, turns it off — then every NIXL worker turns it off (Dynamo's guide).
+        if uses_nixl and kvbm_available and not (_find(rest, "--disable-hybrid-kv-cache-manager")
+                                                 or _find(rest, "--no-disable-hybrid-kv-cache-manager")):
             rest.append("--disable-hybrid-kv-cache-manager")
-            notes.append(f"{mode} worker with NIXL -> --disable-hybrid-kv-cache-manager")
+            notes.append(f"{mode} worker with NIXL and kvbm installed -> --disable-hybrid-kv-cache-manager")
 
     # --- KV events for the router ---
     private_paths: tuple[str, ...] = ()

@@ -4,17 +4,43 @@ Tested: 0.26 on CUDA (the lent H200, benchmarks/e2e_gpu.py), 0.31 and 0.32 on th
 tests/test_vllm_versions.py). They call the connector's hooks in different orders:
 - 0.26's model runners skip `wait_for_save` in a step that schedules no tokens;
 - 0.31+ call `start_load_kv` after the forward pass when no load must land before it;
-- 0.32 adds optional hooks for hybrid models (their defaults are right for one KV-cache group).
+- 0.32 adds optional hooks for hybrid models; their defaults are right for this connector (a load
+  restores every prefix-cacheable group: `get_loaded_kv_cache_group_ids`).
 The connector needs no version branch for any of them: the worker starts every transfer of a step in
 `start_load_kv`, which every version calls once per step, with or without a forward pass, and
 reports completions in `get_finished`. A difference that cannot be absorbed that way belongs here,
 as do the facts read from vLLM's config that decide how the connector runs.
+
+Hybrid models (several KV-cache groups): the connector declares `SupportsHMA`, so vLLM keeps its
+hybrid KV cache manager on. Versions whose scheduler cannot map a failed block back to a request of
+a hybrid model (0.31: "not supported for models with multiple KV cache groups") take failed loads
+per request (`KVConnectorTransferResults.failed_recving`, via `get_transfer_results`); there the
+connector reports them so, and loads hybrid models' hits between steps (a layer-wise load can only
+fail per block).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+# vLLM's BlockPool reserves block 0 as the null block: what a sliding-window group's table holds
+# for blocks outside its window. Never copied into or out of.
+NULL_BLOCK_ID = 0
+
+# vLLM without the hybrid-manager interface turns the hybrid manager off for every connector.
+SupportsHMA: type = getattr(base, "SupportsHMA", None) or type("SupportsHMA", (), {})
+
+# Whether this vLLM takes failed loads per request (a hybrid model's block ids are per group).
+PER_REQUEST_LOAD_FAILURES = hasattr(base, "KVConnectorTransferResults")
+
+
+def transfer_results(saved: set[str], loaded: set[str], failed_loads: set[str]) -> Any:
+    """vLLM's `KVConnectorTransferResults`: a failed load is also a finished one."""
+    return base.KVConnectorTransferResults(finished_sending=set(saved), finished_recving=set(loaded) | failed_loads,
+                                           failed_recving=set(failed_loads))
 
 TESTED_RANGE = ((0, 26), (0, 32))  # first and last tested minor version
 

@@ -4,6 +4,8 @@ It subclasses vLLM's own `FlexKVConnectorV1` so `isinstance` checks for FlexKV (
 accept it, but never calls that class's constructor, which imports Tencent's `flexkv` package.
 Every method vLLM's class defines is overridden here. The scheduler role delegates to
 `SchedulerSide`, the worker role to `WorkerSide`; this file only adapts vLLM's calls.
+It declares `SupportsHMA`, so vLLM keeps its hybrid KV cache manager on (one block table per
+KV-cache group: see scheduler.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.flexkv_connector import FlexKV
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from dynamo_flexkv.config import load_settings
-from dynamo_flexkv.integration.vllm.compat import loads_layer_by_layer, untested_version_warning
+from dynamo_flexkv.integration.vllm.compat import (
+    SupportsHMA,
+    loads_layer_by_layer,
+    transfer_results,
+    untested_version_warning,
+)
 from dynamo_flexkv.integration.vllm.instance import describe_instance
 from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
@@ -69,7 +76,7 @@ def _composite_parents(own: KVTransferConfig) -> list[KVTransferConfig]:
     return found
 
 
-class FlexKVConnector(FlexKVConnectorV1):
+class FlexKVConnector(FlexKVConnectorV1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         KVConnectorBase_V1.__init__(self, vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         # Validate every setting first: a bad value fails here, before vLLM allocates its KV cache.
@@ -128,6 +135,9 @@ class FlexKVConnector(FlexKVConnectorV1):
         self._scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler.request_finished(request, (block_ids,))  # the hybrid manager is off
+
+    def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler.request_finished(request, block_ids)
 
     def take_events(self) -> Iterable[KVCacheEvent]:
@@ -173,6 +183,11 @@ class FlexKVConnector(FlexKVConnectorV1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._worker.get_finished()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """`get_finished`, with the requests whose load failed (vLLM versions that take them so)."""
+        saved, loaded = self._worker.get_finished()
+        return transfer_results(saved, loaded, self._worker.take_failed_requests(loaded))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker else set()

@@ -10,9 +10,17 @@ from __future__ import annotations
 import re
 
 from vllm.config import VllmConfig
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheConfig
+from vllm.v1.kv_cache_interface import (
+    AttentionSpec,
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheSpec,
+    MLAAttentionSpec,
+    SlidingWindowSpec,
+)
 
 from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.index.groups import KVGroup
 from dynamo_flexkv.integration.vllm.fingerprint import kv_fingerprint
 from dynamo_flexkv.storage.layout import PoolGeometry
 from dynamo_flexkv.tiers import InstanceFacts, require_shared_hashes
@@ -26,14 +34,27 @@ def describe_instance(
         require_shared_hashes(str(vllm_config.cache_config.prefix_caching_hash_algo), "remote_store")
     if parallel.pipeline_parallel_size > 1:
         raise ValueError("dynamo-flexkv does not support pipeline parallelism yet (pipeline_parallel_size > 1)")
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
+    vllm_groups = kv_cache_config.kv_cache_groups
+    found = [_kv_group(g.kv_cache_spec, len(vllm_groups)) for g in vllm_groups]
+    if None in found:
         raise ValueError(
-            "dynamo-flexkv supports models with one attention KV-cache group; this model has "
-            f"{[type(g.kv_cache_spec).__name__ for g in groups]}"
+            "dynamo-flexkv stores KV-cache groups of full attention (FullAttentionSpec, MLAAttentionSpec) "
+            "and sliding-window attention (SlidingWindowSpec), not Mamba or linear-attention state; this "
+            f"model's groups are {[type(g.kv_cache_spec).__name__ for g in vllm_groups]}: serve it without the connector"
         )
-    spec = groups[0].kv_cache_spec
-    shard_bytes = spec.page_size_bytes * len(groups[0].layer_names)
+    groups = tuple(g for g in found if g is not None)
+    hybrid = len(groups) > 1 or groups[0].window is not None
+    if hybrid and settings.remote_enabled:
+        raise ValueError(
+            f"remote_store cannot serve this model's KV-cache groups ({', '.join(g.kind for g in groups)}): "
+            "which groups a shared block holds is not recorded in the store yet; unset remote_store "
+            "(the CPU and SSD tiers serve hybrid models)"
+        )
+    spec = vllm_groups[0].kv_cache_spec
+    if any(g.kv_cache_spec.block_size != spec.block_size for g in vllm_groups):
+        raise ValueError("dynamo-flexkv needs one block size for every KV-cache group; this model's are "
+                         f"{[g.kv_cache_spec.block_size for g in vllm_groups]}")
+    shard_bytes = sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in vllm_groups)
     geometry = PoolGeometry.for_capacity(
         settings.cpu_cache_bytes, shard_bytes, parallel.tensor_parallel_size
     )
@@ -46,10 +67,26 @@ def describe_instance(
         "model": str(vllm_config.model_config.model),
         "kv_dtype": str(spec.dtype).removeprefix("torch."),
         "block_size": spec.block_size,
-        "layers": len(groups[0].layer_names),
+        "layers": sum(len(g.layer_names) for g in vllm_groups),
         "shard_bytes": shard_bytes,
         "tp_size": parallel.tensor_parallel_size,
         "hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),
         **kv_fingerprint(vllm_config.model_config),  # weights, quantization, RoPE, ...
     }
-    return InstanceFacts(identity=identity, block_size=spec.block_size, geometry=geometry, layout=layout)
+    if hybrid:  # a slot's bytes are the groups' layers in group order
+        layout["groups"] = ",".join(g.kind for g in groups)
+    return InstanceFacts(identity=identity, block_size=spec.block_size, geometry=geometry, layout=layout,
+                         groups=groups, group_layers=tuple(tuple(g.layer_names) for g in vllm_groups))
+
+
+def _kv_group(spec: KVCacheSpec, num_groups: int) -> KVGroup | None:
+    """The index's view of one of vLLM's KV-cache groups; None for a kind it cannot store."""
+    if type(spec) is SlidingWindowSpec:
+        # vLLM keeps `extra_retained_tokens` below the window (multi-token prediction)
+        window = spec.sliding_window + getattr(spec, "extra_retained_tokens", 0)
+        return KVGroup(f"sliding_window({spec.sliding_window})", window)
+    if type(spec) in (FullAttentionSpec, MLAAttentionSpec):
+        return KVGroup("full_attention")
+    if num_groups == 1 and isinstance(spec, AttentionSpec) and not isinstance(spec, SlidingWindowSpec):
+        return KVGroup(type(spec).__name__)  # the one group of a model: every block is kept
+    return None

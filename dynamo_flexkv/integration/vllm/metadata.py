@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -12,7 +13,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 @dataclass(frozen=True)
 class BlockTransfer:
-    """Copy the blocks of one request: `block_ids[i]` (vLLM cache) <-> `slots[i]` (CPU pool).
+    """Copy the blocks of one request, per KV-cache group g: `block_ids[g][i]` (vLLM cache, the
+    group's layers) <-> `slots[g][i]` (that group's part of a CPU-pool slot). A group's lists leave
+    out the blocks it does not copy (vLLM's null blocks, KV a slot does not hold).
 
     `unavailable` (loads only) are GPU blocks promised to vLLM that turned out unloadable (a lower
     tier failed them): the worker reports them as load errors, so vLLM recomputes them.
@@ -20,10 +23,17 @@ class BlockTransfer:
     """
 
     request_id: str
-    block_ids: tuple[int, ...]
-    slots: tuple[int, ...]
+    block_ids: tuple[tuple[int, ...], ...]
+    slots: tuple[tuple[int, ...], ...]
     unavailable: tuple[int, ...] = ()
     save_id: str = ""
+
+    @classmethod
+    def of_groups(cls, request_id: str, pairs: Sequence[Sequence[tuple[int, int]]],
+                  unavailable: Sequence[int] = (), save_id: str = "") -> BlockTransfer:
+        """From `(block id, slot)` pairs per group."""
+        return cls(request_id, tuple(tuple(block_id for block_id, _ in group) for group in pairs),
+                   tuple(tuple(slot for _, slot in group) for group in pairs), tuple(unavailable), save_id)
 
 
 @dataclass

@@ -16,6 +16,11 @@ Request flow (see docs/architecture.md):
 4. `update_connector_output` commits (or rolls back) what the workers finished; only then do blocks
    become matchable and visible to the router as events. Committed blocks are written through to
    every lower tier in the background.
+Hybrid models (vLLM's hybrid KV cache manager: several KV-cache groups, or a sliding window) give
+one block table per group. A save copies each group's blocks it still holds (a sliding-window group
+has freed the blocks before its window) and the index records which groups each block holds; a hit
+is cut to what every group can use (`index.groups.usable_hit`), and a load fills every block vLLM
+gave each group except its null blocks. Hybrid models' hits are loaded between steps (see compat.py).
 Tier assembly, the cascade and shared-tier lookups live in `dynamo_flexkv.tiers.TierStack`; this
 class translates vLLM's requests and block ids to keys and slots.
 """
@@ -35,7 +40,9 @@ from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
 from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.index.groups import held_groups, usable_hit
 from dynamo_flexkv.index.plans import LoadPlan, StorePlan, Stored
+from dynamo_flexkv.integration.vllm.compat import NULL_BLOCK_ID
 from dynamo_flexkv.integration.vllm.events import EventTranslator
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
@@ -49,7 +56,7 @@ class _Tracked:
     """A request between its first match and its end: what it was given and what is saved of it."""
 
     request: Request
-    block_ids: list[int]  # its GPU blocks (first KV cache group), as the scheduler output says
+    block_ids: list[list[int]]  # its GPU blocks per KV-cache group, as the scheduler output says
     kv_tokens: int = 0  # tokens whose KV the steps scheduled so far compute
     next_block: int = 0  # blocks before it are in the CPU tier or being written there
 
@@ -58,7 +65,12 @@ class SchedulerSide:
     def __init__(self, facts: InstanceFacts, settings: FlexKVSettings, publish_events: bool):
         self.identity = facts.identity
         self.block_size = facts.block_size
-        self.layerwise = settings.layerwise_load
+        self.groups = facts.groups
+        self.hybrid = facts.hybrid
+        self.layerwise = settings.layerwise_load and not facts.hybrid
+        if settings.layerwise_load and facts.hybrid:
+            logger.info("KV-cache groups %s: hits are loaded between steps, not layer by layer",
+                        [g.kind for g in facts.groups])
         self.save_policy = settings.save_policy
         self.tp_size = int(facts.layout.get("tp_size", 1))
         self.tiers = TierStack(facts, settings, record_events=publish_events)
@@ -75,12 +87,14 @@ class SchedulerSide:
         self._matched: dict[str, tuple[int, LoadPlan]] = {}
         self._loading: dict[str, LoadPlan] = {}  # loads between steps, reported by vLLM
         self._loading_layerwise: dict[str, LoadPlan] = {}  # loads inside a step, reported by workers
-        self._staging: dict[str, tuple[int, ...]] = {}  # request id -> GPU block ids awaiting staging
+        # request id -> (GPU block ids per group, group masks of the plan's blocks) awaiting staging
+        self._staging: dict[str, tuple[list[list[int]], list[int]]] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._saving: dict[str, tuple[str, StorePlan]] = {}  # save id -> (request id, plan)
         self._save_acks: dict[str, int] = {}  # save id -> ranks that finished it so far
         self._save_failed: set[str] = set()
         self._held: set[str] = set()  # finished requests whose GPU blocks vLLM keeps for our saves
+        self._lacking: dict[str, int] = {}  # request id -> first block of its load a group could not fill
         self._save_seq = 0
         self._step = FlexKVStepMetadata()
         logger.info(
@@ -108,7 +122,7 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         request_id = request.request_id
         if request_id not in self._tracked:
-            self._tracked[request_id] = _Tracked(request, [])
+            self._tracked[request_id] = _Tracked(request, [[] for _ in self.groups])
         first = num_computed_tokens // self.block_size
         keys = request.block_hashes[first:]
         first_parent = request.block_hashes[first - 1] if first else None
@@ -118,6 +132,8 @@ class SchedulerSide:
         if hits is None:  # a shared tier is being asked: vLLM asks again in a later step
             self._release_match(request_id)
             return None, False
+        if self.hybrid and hits:  # as far as every group finds the blocks it needs
+            hits = usable_hit(self.groups, self.engine.groups_of(keys[:hits]), first, self.block_size)
         self._stats.add("query_tokens", len(keys) * self.block_size)
         self._stats.add("miss_tokens", (len(keys) - hits) * self.block_size)
         if hits == 0:
@@ -153,20 +169,41 @@ class SchedulerSide:
         if count < len(plan.keys):  # vLLM took less than offered: lock only what will be loaded
             first_parent = request.block_hashes[first - 1] if first else None
             plan = self.engine.prepare_load(request_id, plan.keys[:count], first_parent)
-        block_ids = tuple(blocks.get_block_ids()[0][first : first + count])
+        block_ids = [list(ids[first : first + count]) for ids in blocks.get_block_ids()]
+        masks = self.engine.groups_of(plan.keys)
         # tokens vLLM will not compute (a full-prompt async hit still recomputes its last one)
         self.loaded_tokens += min(num_external_tokens, request.num_tokens - 1 - first * self.block_size)
         if plan.staged:
             self._loading[request_id] = plan
             self.tiers.stage(plan)
-            self._staging[request_id] = block_ids
+            self._staging[request_id] = (block_ids, masks)
         elif self.layerwise:
             self._loading_layerwise[request_id] = plan
-            self._step.layerwise_loads.append(BlockTransfer(request_id, block_ids, plan.slots))
+            self._step.layerwise_loads.append(self._load_transfer(request_id, plan, block_ids, masks))
         else:
             self._loading[request_id] = plan
-            self._step.loads.append(BlockTransfer(request_id, block_ids, plan.slots))
+            self._step.loads.append(self._load_transfer(request_id, plan, block_ids, masks))
         logger.debug("load scheduled: request=%s blocks=%d staged=%d", request_id, count, len(plan.staged))
+
+    def _load_transfer(self, request_id: str, plan: LoadPlan, block_ids: list[list[int]], masks: list[int],
+                       usable: int | None = None) -> BlockTransfer:
+        """The copies of a load into the blocks vLLM gave each group (`block_ids[g][j]` for
+        `plan.keys[j]`), leaving out its null blocks. A block the slot cannot fill (the slot lacks
+        the group's KV, or it is beyond the `usable` blocks staging delivered) is unavailable: vLLM
+        recomputes it."""
+        usable = len(plan.keys) if usable is None else usable
+        pairs, unavailable = [], []
+        for bit, ids in enumerate(block_ids):
+            live = [(j, block_id) for j, block_id in enumerate(ids) if block_id != NULL_BLOCK_ID]
+            lacking = [j for j, _ in live if j < usable and not masks[j] >> bit & 1]
+            pairs.append([(block_id, plan.slots[j]) for j, block_id in live if j < usable and masks[j] >> bit & 1])
+            unavailable += [block_id for j, block_id in live if j >= usable or j in lacking]
+            if lacking:  # usable_hit cut the hit for every group: vLLM kept more blocks than predicted
+                logger.warning("group %d of request %s: %d blocks the tier does not hold, recomputed",
+                               bit, request_id, len(lacking))
+                # dropped when the load completes, or the request would match them again and again
+                self._lacking[request_id] = min(lacking[0], self._lacking.get(request_id, lacking[0]))
+        return BlockTransfer.of_groups(request_id, pairs, unavailable)
 
     def _release_match(self, request_id: str) -> None:
         if self._matched.pop(request_id, None) is not None:
@@ -174,15 +211,16 @@ class SchedulerSide:
 
     # --- saves ---------------------------------------------------------------------------------
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """`block_ids`: the request's blocks per KV-cache group, as vLLM is about to free them."""
         request_id = request.request_id
         tracked = self._tracked.pop(request_id, None) or _Tracked(request, [])
         self._release_match(request_id)
         self.tiers.forget(request_id)
         if request_id in self._loading:
             return False, None  # its blocks are still being filled; vLLM frees them after the load
-        tracked.block_ids = list(block_ids)
-        save = self._plan_save(tracked, request.num_computed_tokens)
+        tracked.block_ids = [list(ids) for ids in block_ids]
+        save = self._plan_save(tracked, request.num_computed_tokens, request.num_computed_tokens)
         if save is not None:
             self._step.saves.append(save)
         if not any(owner == request_id for owner, _ in self._saving.values()):
@@ -191,11 +229,13 @@ class SchedulerSide:
         self._step.hold.append(request_id)
         return True, None
 
-    def _plan_save(self, tracked: _Tracked, kv_tokens: int) -> BlockTransfer | None:
+    def _plan_save(self, tracked: _Tracked, kv_tokens: int, num_computed: int) -> BlockTransfer | None:
         """Reserve slots for the request's full blocks in `[next_block, kv_tokens)` the tier lacks
-        (prompt blocks only under the `prompt` policy); the copy to hand to the workers, or None."""
+        (prompt blocks only under the `prompt` policy); the copy to hand to the workers, or None.
+        `num_computed`: tokens computed when vLLM last freed blocks outside a sliding window (or
+        more): such blocks' KV is left out of the save."""
         request, size = tracked.request, self.block_size
-        end = min(kv_tokens // size, len(request.block_hashes), len(tracked.block_ids))
+        end = min(kv_tokens // size, len(request.block_hashes), max(map(len, tracked.block_ids)))
         if self.save_policy == "prompt":
             end = min(end, request.num_prompt_tokens // size)
         start = tracked.next_block
@@ -205,7 +245,11 @@ class SchedulerSide:
         parents = [request.block_hashes[start - 1] if start else None, *keys[:-1]]
         save_id = f"{request.request_id}/{self._save_seq}"
         self._save_seq += 1
-        plan = self.engine.prepare_store(save_id, keys, parents)
+        masks = None
+        if self.hybrid:
+            masks = [held_groups(self.groups, tracked.block_ids, i, num_computed, size, NULL_BLOCK_ID)
+                     for i in range(start, end)]
+        plan = self.engine.prepare_store(save_id, keys, parents, masks)
         # Blocks the tier now holds or is writing need no later save; a block that found no slot
         # (or whose parent is not in the tier yet) is tried again in a later step.
         top = self.engine.tiers[0]
@@ -223,8 +267,9 @@ class SchedulerSide:
             self._remember_tokens(request, indices, plan.keys)
         self._saving[save_id] = (request.request_id, plan)
         logger.debug("save scheduled: request=%s save=%s blocks=%d", request.request_id, save_id, len(plan.keys))
-        return BlockTransfer(request.request_id, tuple(tracked.block_ids[i] for i in indices), tuple(plan.slots),
-                             save_id=save_id)
+        pairs = [[(ids[i], slot) for i, slot in zip(indices, plan.slots) if masks is None or masks[i - start] >> bit & 1]
+                 for bit, ids in enumerate(tracked.block_ids)]
+        return BlockTransfer.of_groups(request.request_id, pairs, save_id=save_id)
 
     def _remember_tokens(self, request: Request, indices: list[int], keys) -> None:
         tokens, size = request.all_token_ids, self.block_size
@@ -246,7 +291,7 @@ class SchedulerSide:
             if self.save_policy != "finished":
                 # KV of the steps before this one; the last token's is computed only with the next
                 done = min(request.num_computed_tokens, request.num_tokens - 1)
-                save = self._plan_save(tracked, done)
+                save = self._plan_save(tracked, done, request.num_computed_tokens)
                 if save is not None:
                     self._step.saves.append(save)
             tracked.kv_tokens = request.num_computed_tokens + num_tokens
@@ -258,16 +303,17 @@ class SchedulerSide:
         """Follow each running request's GPU block ids, which vLLM hands out step by step."""
         for new in output.scheduled_new_reqs:
             if (tracked := self._tracked.get(new.req_id)) is not None:
-                tracked.block_ids = list(new.block_ids[0])
+                tracked.block_ids = [list(ids) for ids in new.block_ids]
         cached = output.scheduled_cached_reqs
         for request_id, new_ids in zip(cached.req_ids, cached.new_block_ids):
             tracked = self._tracked.get(request_id)
             if tracked is None or new_ids is None:
                 continue
             if request_id in cached.resumed_req_ids:
-                tracked.block_ids = list(new_ids[0])
+                tracked.block_ids = [list(ids) for ids in new_ids]
             else:
-                tracked.block_ids.extend(new_ids[0])
+                for ids, added in zip(tracked.block_ids, new_ids, strict=True):
+                    ids.extend(added)
 
     def _save_preempted(self, preempted: Iterable[str]) -> None:
         """vLLM freed these requests' blocks in this step: save what they computed before the step
@@ -278,24 +324,23 @@ class SchedulerSide:
                 continue
             self.preemptions += 1
             request = tracked.request
-            save = self._plan_save(tracked, min(tracked.kv_tokens, request.num_tokens - 1))
+            save = self._plan_save(tracked, min(tracked.kv_tokens, request.num_tokens - 1), tracked.kv_tokens)
             if save is not None:
                 self._step.preemption_saves.append(save)
             self._step.preempted.append(request_id)
             logger.info("request preempted: request=%s computed_tokens=%d saved_blocks=%d", request_id,
-                        tracked.kv_tokens, len(save.block_ids) if save else 0)
-            tracked.block_ids, tracked.kv_tokens = [], 0
+                        tracked.kv_tokens, len(save.block_ids[0]) if save else 0)
+            tracked.block_ids, tracked.kv_tokens = [[] for _ in self.groups], 0
 
     def _advance_lower_tiers(self) -> None:
         """Hand out the GPU copies of finished stagings; the stack commits spills and starts new ones."""
         tokens_of = None if self.events is None else self.events.persistable_tokens
         for request_id, usable in self.tiers.advance(tokens_of):
-            plan, block_ids = self._loading[request_id], self._staging.pop(request_id)
+            plan, (block_ids, masks) = self._loading[request_id], self._staging.pop(request_id)
             if usable < len(plan.keys):
                 logger.warning("staging failed at block %d of %d, recomputing the rest: request=%s",
                                usable, len(plan.keys), request_id)
-            self._step.loads.append(BlockTransfer(request_id, block_ids[:usable], plan.slots[:usable],
-                                                  unavailable=block_ids[usable:]))
+            self._step.loads.append(self._load_transfer(request_id, plan, block_ids, masks, usable))
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         self.tiers.refresh_writable()  # the commits below plan spills only into tiers that take them
@@ -331,7 +376,11 @@ class SchedulerSide:
             return
         request_id = plan.request_id
         ok = request_id not in report.failed_loads
-        self.engine.complete_load(request_id, success=ok, bad_keys=() if ok else plan.keys)
+        lacking = self._lacking.pop(request_id, None)
+        if lacking is not None:  # a group found blocks it needs missing: drop them, the request recomputes
+            self.engine.complete_load(request_id, success=False, bad_keys=plan.keys[lacking:])
+        else:
+            self.engine.complete_load(request_id, success=ok, bad_keys=() if ok else plan.keys)
         if not ok:
             logger.warning("load failed, blocks dropped and recomputed: request=%s", request_id)
 

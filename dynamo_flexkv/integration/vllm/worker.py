@@ -18,8 +18,12 @@ schedule no tokens, where vLLM 0.26 never calls `wait_for_save`:
   reuse): started and awaited in `handle_preemptions`, which vLLM calls before anything of the step
   touches the cache; earlier saves of those requests still in flight are awaited there too.
 `get_finished` (called at the end of every step) closes the step's layer-wise loads and reports
-finished transfers. A failed load reports its blocks as load errors, so vLLM recomputes them; a failed
+finished transfers. A failed load reports its blocks as load errors, so vLLM recomputes them (a
+hybrid model's, whose block ids are per KV-cache group, as a failed request: see compat.py); a failed
 save is reported back so the scheduler releases the slots unannounced.
+
+A hybrid model has one copier per KV-cache group (each group's layers, addressed by the group's
+block ids, into the group's part of a slot); a transfer runs them together.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from dynamo_flexkv.tiers import InstanceFacts
+from dynamo_flexkv.integration.vllm.compat import PER_REQUEST_LOAD_FAILURES
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
 from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout
 from dynamo_flexkv.transfer.copier import BlockCopier, make_copier
 from dynamo_flexkv.transfer.layerwise import (
+    AllOf,
     TransferHandle,
     start_layerwise_load,
     start_load,
@@ -74,27 +80,59 @@ class WorkerSide:
         self.num_blocks = num_blocks
         self.cpu_async_copies = cpu_async_copies
         self.pool: CpuBlockPool | None = None
-        self.copier: BlockCopier | None = None
+        self.copiers: list[BlockCopier] = []  # one per KV-cache group
         self._layer_index: dict[str, int] = {}
         self._in_flight: list[_InFlight] = []
         self._layerwise: list[_InFlight] = []  # handles are LayerwiseLoads
         self._hooks_seen = False
         self._load_errors: set[int] = set()
+        # several KV-cache groups: vLLM takes a failed load per request, not per block
+        self.per_request_failures = len(facts.groups) > 1 and PER_REQUEST_LOAD_FAILURES
+        self._failed_requests: set[str] = set()
         self._report = FlexKVWorkerReport()
         self._held: set[str] = set()  # finished requests whose blocks vLLM keeps for our saves
         self._preemptions_handled: FlexKVStepMetadata | None = None
         self.stats = FlexKVStats()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        layout = KVCacheLayout(kv_caches, self.num_blocks)
+        layouts = self._group_layouts(kv_caches)
         self.pool = CpuBlockPool(self.facts.identity, self.facts.geometry)
-        self.copier = make_copier(layout, self.pool.tensor, self.facts.geometry, self.rank,
-                                  cpu_async=self.cpu_async_copies)
-        self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
+        self.copiers = [make_copier(layout, self.pool.tensor, self.facts.geometry, self.rank,
+                                    cpu_async=self.cpu_async_copies) for layout in layouts]
+        self._layer_index = {name: i for i, name in enumerate(layouts[0].layer_names)}
         logger.info(
-            "worker ready: rank=%d layers=%d block_bytes=%d copier=%s device=%s",
-            self.rank, len(layout.layer_names), layout.shard_bytes, type(self.copier).__name__, layout.device,
+            "worker ready: rank=%d groups=%d layers=%d block_bytes=%d copier=%s device=%s",
+            self.rank, len(layouts), sum(len(layout.layer_names) for layout in layouts),
+            sum(layout.shard_bytes for layout in layouts), type(self.copiers[0]).__name__, layouts[0].device,
         )
+
+    def _group_layouts(self, kv_caches: dict[str, torch.Tensor]) -> list[KVCacheLayout]:
+        """One layout per KV-cache group, side by side in a slot. Layers of different groups may
+        share one tensor (vLLM's hybrid manager): each group addresses it with its own block ids."""
+        if len(self.facts.group_layers) <= 1:
+            return [KVCacheLayout(kv_caches, self.num_blocks)]
+        layouts, offset = [], 0
+        for names in self.facts.group_layers:
+            layout = KVCacheLayout({name: kv_caches[name] for name in names}, self.num_blocks, offset)
+            layouts.append(layout)
+            offset += layout.shard_bytes
+        if offset != self.facts.geometry.shard_bytes:
+            raise ValueError(f"KV cache holds {offset} bytes per block on this rank but the pool was sized for "
+                             f"{self.facts.geometry.shard_bytes}: the scheduler and worker disagree on the KV layout")
+        return layouts
+
+    def _start_groups(self, job: BlockTransfer, save: bool) -> TransferHandle:
+        """Start the copies of every group of `job`, awaited as one."""
+        handles = [start_save(copier, ids, slots) if save else start_load(copier, slots, ids)
+                   for copier, ids, slots in zip(self.copiers, job.block_ids, job.slots, strict=True) if ids]
+        return handles[0] if len(handles) == 1 else AllOf(handles)
+
+    def _load_failed(self, job: BlockTransfer, block_ids) -> None:
+        """vLLM recomputes these blocks of the request (all of its load where it takes failures per request)."""
+        if self.per_request_failures:
+            self._failed_requests.add(job.request_id)
+        else:
+            self._load_errors.update(block_ids)
 
     def _start(self, job: BlockTransfer, kind: str, start) -> _InFlight:
         started = time.perf_counter()
@@ -127,22 +165,23 @@ class WorkerSide:
                 t.handle.wait()
 
     def _start_save(self, job: BlockTransfer) -> None:
-        self._in_flight.append(self._start(job, "save", lambda: start_save(self.copier, job.block_ids, job.slots)))
+        self._in_flight.append(self._start(job, "save", lambda: self._start_groups(job, save=True)))
 
     def start_step(self, metadata: FlexKVStepMetadata) -> None:
         """Start every transfer of this step: layer-wise loads first (this forward waits for them),
         then loads between steps, then saves."""
         if self._preemptions_handled is not metadata:  # an engine that never calls the hook
             self.handle_preemptions(metadata)
-        copier = self.copier
-        for job in metadata.layerwise_loads:
-            load = self._start(job, "load", lambda job=job: start_layerwise_load(copier, job.slots, job.block_ids))
+        for job in metadata.layerwise_loads:  # one KV-cache group: the scheduler loads hybrid models between steps
+            load = self._start(job, "load", lambda job=job: start_layerwise_load(self.copiers[0], job.slots[0],
+                                                                                 job.block_ids[0]))
             if load.handle is not None and not self._hooks_seen:
                 load.handle.wait_all()  # no per-layer hook seen yet: the forward must find every layer landed
             self._layerwise.append(load)
         for job in metadata.loads:
-            self._load_errors.update(job.unavailable)
-            self._in_flight.append(self._start(job, "load", lambda job=job: start_load(copier, job.slots, job.block_ids)))
+            if job.unavailable:
+                self._load_failed(job, job.unavailable)
+            self._in_flight.append(self._start(job, "load", lambda job=job: self._start_groups(job, save=False)))
         for job in metadata.saves:
             self._start_save(job)
         self._held.update(metadata.hold)
@@ -163,7 +202,7 @@ class WorkerSide:
             if _finished_ok(load.handle):
                 self._record(load)
             else:
-                self._load_errors.update(job.block_ids)
+                self._load_errors.update(job.block_ids[0])
                 self._report.failed_loads.add(job.request_id)
                 self.stats.add("failed_loads", 1)
         self._layerwise.clear()
@@ -185,7 +224,7 @@ class WorkerSide:
                 if ok:
                     self._record(t)
                 else:
-                    self._load_errors.update(t.job.block_ids)
+                    self._load_failed(t.job, [i for ids in t.job.block_ids for i in ids])
                     self._report.failed_loads.add(request_id)
                     self.stats.add("failed_loads", 1)
             else:
@@ -205,6 +244,12 @@ class WorkerSide:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def take_failed_requests(self, finished: set[str]) -> set[str]:
+        """Requests among `finished` (their loads just ended) whose load failed in part or whole."""
+        failed = self._failed_requests & finished
+        self._failed_requests -= failed
+        return failed
+
     def take_report(self) -> FlexKVWorkerReport | None:
         report = self._report
         if not (report.failed_loads or report.failed_saves or report.done_layerwise or report.saves_done):
@@ -221,8 +266,9 @@ class WorkerSide:
     def shutdown(self) -> None:
         for t in self._in_flight:
             _finished_ok(t.handle)
-        close = getattr(self.copier, "close", None)
-        if close is not None:
-            close()
+        for copier in self.copiers:
+            close = getattr(copier, "close", None)
+            if close is not None:
+                close()
         if self.pool is not None:
             self.pool.unlink()
