@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster:
         header.append("cluster passes: every returning turn is sent to the worker that did not serve the user's "
                       f"previous turn; 'cluster' adds a Mooncake Store both workers share ({args.cluster_cache_gb} GiB "
-                      "contributed per worker)")
+                      "contributed per worker); every process of a worker bound to its own cores")
         print(f"      {header[-1]}")
     results = []
     # (name, FlexKV on, memory each worker contributes to a shared store)
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         config = PassConfig(name=name, flexkv=flexkv, model=args.model, dtype=shape.dtype, shape=args.shape,
                             repetitions=args.repetitions, seed=args.seed, gpu_blocks=args.gpu_blocks,
                             max_tokens=args.max_tokens, cpu_cache_gb=args.cpu_cache_gb,
-                            cluster_cache_gb=cluster_gb, cross_worker=args.cluster)
+                            cluster_cache_gb=cluster_gb, cross_worker=args.cluster,
+                            bind_workers=args.cluster)
         results.append(run_pass(config, workdir, lambda text, n=first + 1: phase(n, text, started)))
     phase(PHASES - 1, "shutdown: every service stopped by process group; no engine process left", started)
     baseline = next((r for r in results if r.name == "baseline"), None)

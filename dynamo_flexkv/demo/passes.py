@@ -44,6 +44,7 @@ class PassConfig:
     cpu_cache_gb: float
     cluster_cache_gb: float = 0.0  # > 0: the workers share a Mooncake store, each contributing this much
     cross_worker: bool = False  # every turn goes to the worker that did not serve the user's previous one
+    bind_workers: bool = False  # every process of a worker on its cores, not only its OpenMP threads
 
     @property
     def cluster(self) -> bool:
@@ -107,7 +108,10 @@ def run_pass(config: PassConfig, workdir: Path, progress) -> PassResult:
         store = processes.start_mooncake_master(dep) if config.cluster else None
         dep.start("frontend", processes.frontend_argv(http, "kv"))
         for i, port in enumerate(ports):
-            dep.start(f"worker{i}", _worker_argv(config, streams[i].endpoint), _worker_env(config, port, i, store))
+            cores = _worker_cores(i)
+            argv = _worker_argv(config, streams[i].endpoint)
+            dep.start(f"worker{i}", processes.bound_to(cores, argv) if config.bind_workers else argv,
+                      _worker_env(config, port, cores, store))
         openai = client.OpenAIClient(f"http://127.0.0.1:{http}", SERVED_NAME)
         metrics = [lambda port=port: client.scrape(f"http://127.0.0.1:{port}/metrics") for port in ports]
         ids = [dep.wait_for(lambda i=i: client.worker_instance_id(metrics[i]()), 600, f"{config.name} worker{i} up")
@@ -158,15 +162,24 @@ def _worker_argv(config: PassConfig, events_endpoint: str) -> list[str]:
     return processes.worker_argv(*args, model=config.model, served_name=SERVED_NAME)
 
 
-def _worker_env(config: PassConfig, system_port: int, worker: int, store: str | None) -> dict[str, str]:
-    # Each worker computes on its own half of the cores: on a 2-core machine, one core each. Requests
-    # go one at a time, so this costs the busy worker half the machine, but no OpenMP thread of one
-    # worker ever waits at a barrier for a thread that the other worker (or anything else) preempted.
+def _worker_cores(worker: int) -> str:
+    """The worker's half of the cores ("0", "2-3"): on a 2-core machine, one core each."""
     cores = os.cpu_count() or 2
     half = max(1, cores // 2)
     first = worker * half % cores
-    env = {"DYN_SYSTEM_PORT": str(system_port),
-           "VLLM_CPU_OMP_THREADS_BIND": f"{first}-{first + half - 1}" if half > 1 else str(first)}
+    return f"{first}-{first + half - 1}" if half > 1 else str(first)
+
+
+def _worker_env(config: PassConfig, system_port: int, cores: str, store: str | None) -> dict[str, str]:
+    # Each worker computes on its own half of the cores. Requests go one at a time, so this costs the
+    # busy worker half the machine, but no OpenMP thread of one worker ever waits at a barrier for a
+    # thread that the other worker (or anything else) preempted. The cluster passes bind the whole
+    # worker (config.bind_workers): a store read waits by spinning (Mooncake polls its transfer), and
+    # while it waits vLLM's engine steps every millisecond, which keeps its worker process spinning too;
+    # unbound, the spinning thread ran on the other worker's core and starved that worker -- which
+    # serves the read from its share of the store, and whose Dynamo runtime then missed its discovery
+    # lease (see docs/cluster-tier.md).
+    env = {"DYN_SYSTEM_PORT": str(system_port), "VLLM_CPU_OMP_THREADS_BIND": cores}
     if config.flexkv:
         env["FLEXKV_CPU_CACHE_GB"] = str(config.cpu_cache_gb)
     if store:
