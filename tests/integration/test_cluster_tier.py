@@ -3,7 +3,8 @@
 Each engine runs in its own network namespace (its own loopback and address), joined to a store
 namespace holding the Mooncake master, its metadata server and a store node that contributes the
 memory. Engine A computes prompts and exits; engine B, which never saw them, loads their KV from the
-store and must produce the tokens of an engine without the connector. Faults: the master dies (the
+store and must produce the tokens of an engine without the connector -- on Mooncake and on Redis (a
+redis-server in the store namespace). Faults: the master dies (the
 tier degrades to recompute, no request hangs, no wrong token) and comes back (sharing resumes); a cut
 network link is the same as a lost master; a full store declines puts. At start-up: an engine whose
 block hashes cannot match another's refuses the tier, and an unreachable store is one error line.
@@ -22,7 +23,7 @@ from dynamo_flexkv.harness import EngineError, EngineHost
 from dynamo_flexkv.integration.dynamo.processes import free_port
 from dynamo_flexkv.storage.backend import open_backend
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
-from tests.servers import mooncake_cluster, mooncake_master
+from tests.servers import mooncake_cluster, mooncake_master, redis_cluster
 
 pytestmark = pytest.mark.engine
 
@@ -35,6 +36,12 @@ DEADLINE_S = 180
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with mooncake_cluster(tmp_path_factory.mktemp("cluster"), nodes=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def redis_store(tmp_path_factory):
+    with redis_cluster(tmp_path_factory.mktemp("redis"), nodes=2) as running:
         yield running
 
 
@@ -55,20 +62,22 @@ def tokens(completions) -> list[list[int]]:
     return [c.token_ids for c in completions]
 
 
-def test_a_prefix_computed_on_one_node_is_loaded_on_another(tiny_model, cluster, reference):
+@pytest.mark.parametrize(("store", "tier"), [("cluster", "MOONCAKE"), ("redis_store", "REDIS")])
+def test_a_prefix_computed_on_one_node_is_loaded_on_another(tiny_model, store, tier, reference, request):
+    cluster = request.getfixturevalue(store)
     prompts = make_prompts(11)
     expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
     with node_engine(tiny_model, cluster, 0) as a:
         computed = a.generate(prompts, max_tokens=8, one_at_a_time=True)
-        wrote = a.flexkv_state()["mooncake"]
+        wrote = a.flexkv_state()[tier.lower()]
     with node_engine(tiny_model, cluster, 1) as b:
         loaded = b.generate(prompts, max_tokens=8, one_at_a_time=True)
         state = b.flexkv_state()
     assert tokens(computed) == expected and tokens(loaded) == expected
     assert wrote["blocks_written"] == PROMPT_BLOCKS * len(prompts) and wrote["healthy"], wrote
     assert [c.flexkv_tokens for c in loaded] == [PROMPT_BLOCKS * BLOCK] * len(prompts), state
-    assert state["engine_stats"]["hit_blocks"]["MOONCAKE"] == PROMPT_BLOCKS * len(prompts), state
-    assert state["mooncake"]["corrupt_blocks"] == 0
+    assert state["engine_stats"]["hit_blocks"][tier] == PROMPT_BLOCKS * len(prompts), state
+    assert state[tier.lower()]["corrupt_blocks"] == 0
 
 
 def test_master_loss_degrades_to_recompute_and_its_return_resumes_sharing(tiny_model, cluster, reference):
