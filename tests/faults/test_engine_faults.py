@@ -24,6 +24,7 @@ row drives the tier itself against a real master):
 | --- | --- |
 | `test_master_loss_degrades_to_recompute_and_its_return_resumes_sharing` | the store's master killed mid-run (every value lost): misses, the tier unhealthy; then the master back: sharing resumes |
 | `test_a_cut_network_is_the_same_as_a_lost_master` | the node's network link cut |
+| `test_values_corrupted_in_the_store_are_recomputed_by_a_real_engine` | every value in the store corrupted (Redis): staged reads fail, recomputed, no staging loop |
 | `test_a_full_store_declines_puts_and_keeps_serving` | a store too small for what is written: puts declined, the tier healthy |
 | `test_an_engine_whose_store_is_unreachable_fails_at_start_up_in_one_line` | no store at start-up: one error line |
 """

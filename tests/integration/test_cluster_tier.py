@@ -6,7 +6,8 @@ memory. Engine A computes prompts and exits; engine B, which never saw them, loa
 store and must produce the tokens of an engine without the connector -- on Mooncake and on Redis (a
 redis-server in the store namespace). Faults: the master dies (the
 tier degrades to recompute, no request hangs, no wrong token) and comes back (sharing resumes); a cut
-network link is the same as a lost master; a full store declines puts. At start-up: an engine whose
+network link is the same as a lost master; a full store declines puts; values corrupted in the store
+are recomputed, never staged again and again. At start-up: an engine whose
 block hashes cannot match another's refuses the tier, and an unreachable store is one error line.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
 import time
 
 import pytest
@@ -78,6 +80,35 @@ def test_a_prefix_computed_on_one_node_is_loaded_on_another(tiny_model, store, t
     assert [c.flexkv_tokens for c in loaded] == [PROMPT_BLOCKS * BLOCK] * len(prompts), state
     assert state["engine_stats"]["hit_blocks"][tier] == PROMPT_BLOCKS * len(prompts), state
     assert state[tier.lower()]["corrupt_blocks"] == 0
+
+
+# Flips the last byte of every FlexKV value in a Redis store; returns how many it changed.
+FLIP_LAST_BYTE = ("local n = 0 for _, k in ipairs(redis.call('KEYS', 'flexkv/*')) do "
+                  "local v = redis.call('GET', k) local b = string.byte(v, #v) "
+                  "redis.call('SET', k, string.sub(v, 1, #v - 1) .. string.char((b + 1) % 256)) n = n + 1 end return n")
+
+
+def test_values_corrupted_in_the_store_are_recomputed_by_a_real_engine(tiny_model, redis_store, reference):
+    """A staged read that fails (here every value fails its checksum) is a failed load: the engine
+    recomputes those blocks, answers every request within the bound, with the reference tokens."""
+    network, _, settings = redis_store
+    prompts = make_prompts(41)
+    expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
+    with node_engine(tiny_model, redis_store, 0) as a:
+        assert tokens(a.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+    host, port = settings["FLEXKV_REMOTE_STORE"].removeprefix("redis://").split("/")[0].split(":")
+    flipped = subprocess.run(network.run_in(network.store, ["redis-cli", "-h", host, "-p", port, "EVAL",
+                                                            FLIP_LAST_BYTE, "0"]),
+                             capture_output=True, text=True, timeout=30, check=True)
+    assert int(flipped.stdout) >= PROMPT_BLOCKS * len(prompts), flipped
+    with node_engine(tiny_model, redis_store, 1) as b:
+        start = time.monotonic()
+        loaded = b.generate(prompts, max_tokens=8, one_at_a_time=True, timeout_s=DEADLINE_S)
+        elapsed = time.monotonic() - start
+        state = b.flexkv_state()
+    assert tokens(loaded) == expected and elapsed < DEADLINE_S
+    assert state["redis"]["corrupt_blocks"] >= PROMPT_BLOCKS, state
+    assert state["engine_stats"]["hit_blocks"].get("REDIS", 0) == 0, state
 
 
 def test_master_loss_degrades_to_recompute_and_its_return_resumes_sharing(tiny_model, cluster, reference):
