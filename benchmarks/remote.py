@@ -133,8 +133,9 @@ def timed(submit, batches) -> float:
 
 
 def bench(block_kib: int, total_mib: int, batch: int, rounds: int) -> dict:
-    # every round's values stay (removing them races Mooncake's read leases): room for all of them
-    services, master_port, metadata = start_store(2 * (rounds + 1) * (total_mib << 20) + (256 << 20))
+    # every round's values stay (removing them races Mooncake's read leases): room for all of them,
+    # and a quarter more for headers and the allocator (a fixed 256 MiB fell short from ~5 GiB up)
+    services, master_port, metadata = start_store(2 * (rounds + 1) * (total_mib << 20) * 5 // 4)
     try:
         return _bench(block_kib, total_mib, batch, rounds, master_port, metadata)
     finally:

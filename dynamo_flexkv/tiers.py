@@ -81,7 +81,9 @@ class SharedLookups:
     `extend` answers None ("ask again later") while the question is in flight; found blocks are
     admitted into the tier's index (a cache of what the store holds), and the first absent key is
     remembered for `absent_ttl_s` so a waiting request does not ask the store every step. A question
-    unanswered after `timeout_s` counts as a miss.
+    unanswered after `timeout_s` counts as a miss. A block whose read from the tier failed (corrupt,
+    lease expired, store gone) is remembered as absent too: the store still says it exists, and the
+    request vLLM reschedules after the failed load must recompute it, not stage it again and again.
     """
 
     def __init__(self, engine: CacheEngine, backend: TierBackend, timeout_s: float, absent_ttl_s: float):
@@ -91,6 +93,7 @@ class SharedLookups:
         self.absent_ttl_s = absent_ttl_s
         self._asking: dict[str, tuple[Future, tuple[bytes, ...], float]] = {}
         self._absent: dict[bytes, float] = {}  # key -> until when it is known absent
+        self._staging: dict[str, list[tuple[int, bytes]]] = {}  # request -> (staged position, key) read here
 
     def extend(self, request_id: str, keys: Sequence[bytes], first_parent: bytes | None, hits: int) -> int | None:
         rest = tuple(keys[hits:])
@@ -124,6 +127,20 @@ class SharedLookups:
             parents = [keys[hits - 1] if hits else first_parent, *rest[: present - 1]]
             self.engine.admit(self.backend.name, rest[:present], parents)
         return self.engine.lookup(keys)
+
+    def staging(self, plan: LoadPlan) -> None:
+        """A load plan's reads started: remember which of them come from this tier."""
+        mine = [(position, plan.keys[s.index]) for position, s in enumerate(plan.staged)
+                if s.tier == self.backend.name]
+        if mine:
+            self._staging[plan.request_id] = mine
+
+    def staged(self, request_id: str, ok: Sequence[bool]) -> None:
+        """A load plan's reads finished (`ok` per staged block): the first block this tier failed to
+        deliver is absent for `absent_ttl_s`, so the rescheduled request recomputes from there."""
+        failed = next((key for position, key in self._staging.pop(request_id, ()) if not ok[position]), None)
+        if failed is not None:
+            self._absent_from(failed, time.monotonic())
 
     def _ask(self, keys: tuple[bytes, ...]) -> Future:
         try:
@@ -197,6 +214,8 @@ class TierStack:
             self.shared.forget(request_id)
 
     def stage(self, plan: LoadPlan) -> None:
+        if self.shared is not None:
+            self.shared.staging(plan)
         self.io.stage(plan)
 
     def advance(self, tokens_of: Callable[[Sequence[bytes]], list[Sequence[int]]] | None = None) -> list[tuple[str, int]]:
@@ -205,7 +224,11 @@ class TierStack:
         are usable) for every staging that finished."""
         if self.io is None:
             return []
-        staged = [(rid, self.engine.complete_stage(rid, ok)) for rid, ok in self.io.finished_stages()]
+        staged = []
+        for rid, ok in self.io.finished_stages():
+            if self.shared is not None:
+                self.shared.staged(rid, ok)
+            staged.append((rid, self.engine.complete_stage(rid, ok)))
         for spill_id, ok in self.io.finished_spills():
             self.engine.complete_spill(spill_id, ok)
         self.io.spill(self.engine.take_spills(), tokens_of)

@@ -113,4 +113,23 @@ def mooncake_cluster(workdir: Path, nodes: int, segment: str = "256MB") -> Itera
         network.remove()
 
 
+@contextlib.contextmanager
+def redis_cluster(workdir: Path, nodes: int) -> Iterator[tuple[PrivateNetwork, Deployment, dict[str, str]]]:
+    """A private network with a redis-server in the store namespace (Debian's, as the contract test
+    starts it). Yields the network, the services and the engines' FLEXKV_* settings for the store."""
+    network = PrivateNetwork(nodes)
+    try:
+        host, port = network.address(-1), free_port()
+        with Deployment(workdir) as services:
+            # Protected mode takes only loopback clients; the engines reach it over the private bridge.
+            services.start("redis", network.run_in(network.store, [
+                "redis-server", "--bind", host, "--port", str(port), "--protected-mode", "no",
+                "--save", "", "--appendonly", "no"]))
+            probe = network.run_in(network.store, [sys.executable, "-c", _PROBE, host, str(port)])
+            services.wait_for(lambda: subprocess.run(probe, timeout=10).returncode == 0, 30, "redis-server listening")
+            yield network, services, {"FLEXKV_REMOTE_STORE": f"redis://{host}:{port}/0"}
+    finally:
+        network.remove()
+
+
 _PROBE = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()"

@@ -8,6 +8,11 @@ the OpenAI endpoint several times — once with plain workers, once with FlexKV'
 tokens by source per worker, the KV events the router applied against those published, and TTFT
 (median and min-max over repetitions), writes the same figures as JSON and a PNG, and checks that no
 engine process is left behind.
+
+`--cluster` runs the cluster-tier comparison instead (not part of the default run): both workers share
+a Mooncake Store started by the demo, and every returning turn is sent to the worker that did not
+serve the user's previous turn -- once without the store ("flexkv"), once with it ("cluster") -- and
+shows the tokens the other worker loaded from the store and the TTFT against the pass without it.
 """
 
 from __future__ import annotations
@@ -66,8 +71,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=Path("demo-results"),
                         help="where the table, JSON and PNG go")
     parser.add_argument("--workdir", type=Path, help="logs and discovery files (default: a temp dir, removed)")
-    parser.add_argument("--only", choices=["baseline", "flexkv"], help="run one pass only")
+    parser.add_argument("--cluster", action="store_true",
+                        help="the cluster-tier passes instead: returning turns sent to the other worker, without and "
+                             "with a Mooncake Store shared by both workers")
+    parser.add_argument("--cluster-cache-gb", type=float, default=0.5,
+                        help="memory each worker contributes to the shared store (--cluster)")
+    parser.add_argument("--only", choices=["baseline", "flexkv", "cluster"], help="run one pass only")
     args = parser.parse_args(argv)
+    passes = ("flexkv", "cluster") if args.cluster else ("baseline", "flexkv")
+    if args.only not in (None, *passes):
+        parser.error(f"--only {args.only} is not a pass of this run ({', '.join(passes)})")
     args.shape = WorkloadShape(users=args.users, turns=args.turns, context_tokens=args.context_tokens)
     longest = args.shape.longest_prompt() + args.max_tokens
     if args.gpu_blocks is None:
@@ -94,16 +107,29 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.gpu_blocks} vLLM cache blocks of {BLOCK} tokens per worker"]
     for line in header[1:]:
         print(f"      {line}")
+    if args.cluster:
+        header.append("cluster passes: every returning turn is sent to the worker that did not serve the user's "
+                      f"previous turn; 'cluster' adds a Mooncake Store both workers share ({args.cluster_cache_gb} GiB "
+                      "contributed per worker); every process of a worker bound to its own cores")
+        print(f"      {header[-1]}")
     results = []
-    passes = [(n, f) for n, f in (("baseline", False), ("flexkv", True)) if args.only in (None, n)]
-    for name, flexkv in passes:  # each pass stops its services, also on error or SIGTERM
-        first = 4 if flexkv else 2
+    # (name, FlexKV on, memory each worker contributes to a shared store)
+    passes = [("flexkv", True, 0.0), ("cluster", True, args.cluster_cache_gb)] if args.cluster else \
+        [("baseline", False, 0.0), ("flexkv", True, 0.0)]
+    for position, (name, flexkv, cluster_gb) in enumerate(passes):  # each stops its services, also on error or SIGTERM
+        if args.only not in (None, name):
+            continue
+        first = 2 + 2 * position
         what = f"with FlexKV (CPU tier {args.cpu_cache_gb} GiB per worker)" if flexkv else "without FlexKV"
+        if cluster_gb:
+            what += " sharing a Mooncake Store"
         phase(first, f"{name}: starting frontend (--router-mode kv) + 2 workers {what}; logs in {workdir / name / 'logs'}",
               started)
         config = PassConfig(name=name, flexkv=flexkv, model=args.model, dtype=shape.dtype, shape=args.shape,
                             repetitions=args.repetitions, seed=args.seed, gpu_blocks=args.gpu_blocks,
-                            max_tokens=args.max_tokens, cpu_cache_gb=args.cpu_cache_gb)
+                            max_tokens=args.max_tokens, cpu_cache_gb=args.cpu_cache_gb,
+                            cluster_cache_gb=cluster_gb, cross_worker=args.cluster,
+                            bind_workers=args.cluster)
         results.append(run_pass(config, workdir, lambda text, n=first + 1: phase(n, text, started)))
     phase(PHASES - 1, "shutdown: every service stopped by process group; no engine process left", started)
     baseline = next((r for r in results if r.name == "baseline"), None)

@@ -3,8 +3,14 @@
 Requests go one at a time, so each one's cache hits can be read as the change in its worker's
 counters. After every request the pass waits (bounded) until the state the next request is routed on
 is complete: the worker's stats for the request are recorded, FlexKV has announced the request's
-blocks in its CPU tier (its save runs after the answer is sent), and the router has applied every KV
-event both workers published. So the router's count is compared with the publishers' at rest.
+blocks in its CPU tier (its save runs after the answer is sent), with the cluster tier on its writes
+to the shared store have landed, and the router has applied every KV event both workers published.
+So the router's count is compared with the publishers' at rest.
+
+The cluster pass (`--cluster`) starts a Mooncake master for the pass; both workers contribute memory
+to that one store and send every user's turn to the worker that did not serve the user's previous
+turn, so the blocks a returning turn's previous turn added live only in the other worker's caches --
+or in the store.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dynamo_flexkv.integration.dynamo.kv_stream import KvEventStream, check_stre
 SERVED_NAME = "demo-llama"
 SETTLE_S = 60  # per request: stats recorded, saves announced, events applied
 PUBLISHER_METRIC_PREFIX = "dynamo_component_kv_publisher_"  # Dynamo's relay in each worker
+TIERS = ("CPU", "SSD", "MOONCAKE")  # FlexKV tiers as named in its metrics; MOONCAKE is the cluster tier
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,13 @@ class PassConfig:
     gpu_blocks: int
     max_tokens: int
     cpu_cache_gb: float
+    cluster_cache_gb: float = 0.0  # > 0: the workers share a Mooncake store, each contributing this much
+    cross_worker: bool = False  # every turn goes to the worker that did not serve the user's previous one
+    bind_workers: bool = False  # every process of a worker on its cores, not only its OpenMP threads
+
+    @property
+    def cluster(self) -> bool:
+        return self.cluster_cache_gb > 0
 
     @property
     def max_model_len(self) -> int:
@@ -52,7 +66,7 @@ class RequestRecord:
     ttft_ms: float
     text: str
     gpu_hit_tokens: int  # vLLM's own prefix cache
-    tier_hit_tokens: dict[str, int]  # FlexKV tier ("CPU", "SSD") -> tokens loaded from it
+    tier_hit_tokens: dict[str, int]  # FlexKV tier (see TIERS) -> tokens loaded from it
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -91,16 +105,20 @@ def run_pass(config: PassConfig, workdir: Path, progress) -> PassResult:
     streams = [KvEventStream(f"ipc://{root}/kv-events-{i}", f"{config.name}-w{i}") for i in range(2)]
     started = time.monotonic()
     try:
+        store = processes.start_mooncake_master(dep) if config.cluster else None
         dep.start("frontend", processes.frontend_argv(http, "kv"))
         for i, port in enumerate(ports):
-            dep.start(f"worker{i}", _worker_argv(config, streams[i].endpoint), _worker_env(config, port, i))
+            cores = _worker_cores(i)
+            argv = _worker_argv(config, streams[i].endpoint)
+            dep.start(f"worker{i}", processes.bound_to(cores, argv) if config.bind_workers else argv,
+                      _worker_env(config, port, cores, store))
         openai = client.OpenAIClient(f"http://127.0.0.1:{http}", SERVED_NAME)
         metrics = [lambda port=port: client.scrape(f"http://127.0.0.1:{port}/metrics") for port in ports]
         ids = [dep.wait_for(lambda i=i: client.worker_instance_id(metrics[i]()), 600, f"{config.name} worker{i} up")
                for i in range(2)]
         dep.wait_for(lambda: len(_registered(http)) == 2 and openai.ready(), 120,
                      f"{config.name}: router sees both workers")
-        settle = _Settler(dep, http, streams, metrics, config.flexkv)
+        settle = _Settler(dep, http, streams, metrics, config.flexkv, config.cluster)
         progress(f"{config.name}: workers up after {time.monotonic() - started:.0f}s; warming each worker up")
         # First requests pay one-time kernel set-up: keep them out of the figures. Two turns of one
         # conversation per worker: a whole prefill, then one that extends a cached prefix.
@@ -144,32 +162,43 @@ def _worker_argv(config: PassConfig, events_endpoint: str) -> list[str]:
     return processes.worker_argv(*args, model=config.model, served_name=SERVED_NAME)
 
 
-def _worker_env(config: PassConfig, system_port: int, worker: int) -> dict[str, str]:
-    # Each worker computes on its own half of the cores: on a 2-core machine, one core each. Requests
-    # go one at a time, so this costs the busy worker half the machine, but no OpenMP thread of one
-    # worker ever waits at a barrier for a thread that the other worker (or anything else) preempted.
+def _worker_cores(worker: int) -> str:
+    """The worker's half of the cores ("0", "2-3"): on a 2-core machine, one core each."""
     cores = os.cpu_count() or 2
     half = max(1, cores // 2)
     first = worker * half % cores
-    env = {"DYN_SYSTEM_PORT": str(system_port),
-           "VLLM_CPU_OMP_THREADS_BIND": f"{first}-{first + half - 1}" if half > 1 else str(first)}
+    return f"{first}-{first + half - 1}" if half > 1 else str(first)
+
+
+def _worker_env(config: PassConfig, system_port: int, cores: str, store: str | None) -> dict[str, str]:
+    # Each worker computes on its own half of the cores. Requests go one at a time, so this costs the
+    # busy worker half the machine, but no OpenMP thread of one worker ever waits at a barrier for a
+    # thread that the other worker (or anything else) preempted. The cluster passes bind the whole
+    # worker (config.bind_workers): a store read waits by spinning (Mooncake polls its transfer), and
+    # while it waits vLLM's engine steps every millisecond, which keeps its worker process spinning too;
+    # unbound, the spinning thread ran on the other worker's core and starved that worker -- which
+    # serves the read from its share of the store, and whose Dynamo runtime then missed its discovery
+    # lease (see docs/cluster-tier.md).
+    env = {"DYN_SYSTEM_PORT": str(system_port), "VLLM_CPU_OMP_THREADS_BIND": cores}
     if config.flexkv:
         env["FLEXKV_CPU_CACHE_GB"] = str(config.cpu_cache_gb)
+    if store:
+        env.update(FLEXKV_REMOTE_STORE=store, FLEXKV_REMOTE_CACHE_GB=str(config.cluster_cache_gb))
     return env
 
 
 def _send(turn: Turn, openai: client.OpenAIClient, ids: list[int], settle: _Settler, config: PassConfig) -> RequestRecord:
     # A user's first turn goes to a fixed worker in every pass, so passes start from the same split;
-    # returning turns are routed by the KV router.
-    pinned = turn.turn == 0
+    # returning turns are routed by the KV router, or alternate between the workers (cross_worker).
+    pinned = turn.turn == 0 or config.cross_worker
     before = [settle.counters(i) for i in range(2)]
     reply = openai.complete(turn.prompt, max_tokens=config.max_tokens,
-                            worker_id=ids[turn.user % 2] if pinned else None)
+                            worker_id=ids[(turn.user + turn.turn) % 2] if pinned else None)
     published_at_answer = settle.published()
     worker = ids.index(reply.worker_id)
     after = settle.after(worker, turn.prompt)
     settle.late_updates.append(settle.published() - published_at_answer)
-    tiers = {tier: int(after.get(f"hit:{tier}", 0) - before[worker].get(f"hit:{tier}", 0)) for tier in ("CPU", "SSD")}
+    tiers = {tier: int(after.get(f"hit:{tier}", 0) - before[worker].get(f"hit:{tier}", 0)) for tier in TIERS}
     return RequestRecord(
         repetition=turn.repetition, user=turn.user, turn=turn.turn, worker=worker, pinned=pinned,
         prompt_tokens=len(turn.prompt), ttft_ms=reply.ttft_ms, text=reply.text,
@@ -180,8 +209,13 @@ def _send(turn: Turn, openai: client.OpenAIClient, ids: list[int], settle: _Sett
 class _Settler:
     """Waits, after a request, until the state the next request is routed on is complete."""
 
-    def __init__(self, dep: processes.Deployment, http: int, streams: list[KvEventStream], metrics, flexkv: bool):
+    def __init__(self, dep: processes.Deployment, http: int, streams: list[KvEventStream], metrics, flexkv: bool,
+                 cluster: bool):
         self.dep, self.http, self.streams, self.metrics, self.flexkv = dep, http, streams, metrics, flexkv
+        self.cluster = cluster
+        # per worker: the prompt blocks it served (by token prefix); each is in its view of the store
+        # once its write (or the load that found it there) has landed
+        self._store_view: dict[int, set[int]] = {i: set() for i in range(len(streams))}
         self.problems: list[str] = []
         # per request: router updates published after its answer reached us (a FlexKV save, a last
         # block filled by the final decode step); a count read at the answer would miss them
@@ -192,8 +226,9 @@ class _Settler:
         samples = self.metrics[worker]()
         out = {"queries": client.metric_sum(samples, "vllm:prefix_cache_queries_total"),
                "gpu_hits": client.metric_sum(samples, "vllm:prefix_cache_hits_total")}
-        for tier in ("CPU", "SSD"):
+        for tier in TIERS:
             out[f"hit:{tier}"] = client.metric_sum(samples, "vllm:flexkv_hit_tokens_total", tier=tier)
+        out["held:MOONCAKE"] = client.metric_sum(samples, "vllm:flexkv_held_blocks", tier="MOONCAKE")
         return out
 
     def after(self, worker: int, prompt: list[int]) -> dict[str, float]:
@@ -206,6 +241,11 @@ class _Settler:
             full = len(prompt) // BLOCK
             self._wait(lambda: check_stream(self.streams[worker].batches(), BLOCK).held_prefix_blocks(prompt, "CPU")
                        >= full, f"worker{worker} announced the prompt's {full} blocks in its CPU tier")
+        if self.cluster:  # the store is not announced to the router: read the worker's view of it
+            view = self._store_view[worker]
+            view.update(hash(tuple(prompt[:(n + 1) * BLOCK])) for n in range(len(prompt) // BLOCK))
+            self._wait(lambda: self.counters(worker)["held:MOONCAKE"] >= len(view),
+                       f"worker{worker} wrote the prompt's blocks to the cluster store ({len(view)} blocks in its view)")
         self._wait(self._router_caught_up, "router applied every published KV event")
         return now or self.counters(worker)
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from dynamo_flexkv.demo.passes import PassResult
 from dynamo_flexkv.demo.report import SOURCES, sources
 
-COLORS = {"GPU hit": "#4c72b0", "CPU tier": "#55a868", "SSD tier": "#8172b2", "recomputed": "#c44e52"}
+COLORS = {"GPU hit": "#4c72b0", "CPU tier": "#55a868", "SSD tier": "#8172b2", "cluster tier": "#dd8452",
+          "recomputed": "#c44e52"}
+PASS_COLORS = {"baseline": "#c44e52", "flexkv": "#55a868", "cluster": "#dd8452"}
 
 
 def write_png(results: list[PassResult], title: str, path: Path) -> Path:
@@ -37,7 +39,7 @@ def _ttft(ax, results: list[PassResult]) -> None:
             labels.append(f"{result.name}\n{'returning' if returning else 'first'} turns")
     ax.boxplot(groups, showfliers=False, widths=0.5)
     for i, values in enumerate(groups, start=1):
-        color = "#55a868" if labels[i - 1].startswith("flexkv") else "#c44e52"
+        color = PASS_COLORS[labels[i - 1].split("\n")[0]]
         ax.scatter([i + jitter.uniform(-0.18, 0.18) for _ in values], values, s=9, alpha=0.6, color=color)
     ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
     ax.set_ylabel("time to first token (ms)")

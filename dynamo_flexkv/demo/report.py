@@ -15,7 +15,7 @@ from pathlib import Path
 from dynamo_flexkv.demo.passes import PassResult, RequestRecord
 from dynamo_flexkv.demo.workload import Spread, percentile
 
-SOURCES = ("GPU hit", "CPU tier", "SSD tier", "recomputed")
+SOURCES = ("GPU hit", "CPU tier", "SSD tier", "cluster tier", "recomputed")
 
 
 def machine() -> str:
@@ -35,7 +35,8 @@ def machine() -> str:
 
 def sources(record: RequestRecord) -> dict[str, int]:
     return {"GPU hit": record.gpu_hit_tokens, "CPU tier": record.tier_hit_tokens.get("CPU", 0),
-            "SSD tier": record.tier_hit_tokens.get("SSD", 0), "recomputed": record.recomputed_tokens}
+            "SSD tier": record.tier_hit_tokens.get("SSD", 0), "cluster tier": record.tier_hit_tokens.get("MOONCAKE", 0),
+            "recomputed": record.recomputed_tokens}
 
 
 def returning_ttft_by_repetition(result: PassResult, q: float) -> list[float]:
@@ -45,9 +46,20 @@ def returning_ttft_by_repetition(result: PassResult, q: float) -> list[float]:
             for rep in repetitions]
 
 
-def ratio_by_repetition(flexkv: PassResult, baseline: PassResult, q: float = 0.5) -> Spread:
-    """FlexKV's returning-turn TTFT percentile over the baseline's, paired by repetition (same prompts)."""
-    pairs = zip(returning_ttft_by_repetition(flexkv, q), returning_ttft_by_repetition(baseline, q))
+# (pass, the pass it is compared with, what the comparison shows)
+COMPARISONS = (("flexkv", "baseline", "FlexKV / without"), ("cluster", "flexkv", "cluster tier / without"))
+
+
+def ttft_by_turn(result: PassResult, turn: int, q: float = 0.5) -> Spread:
+    """The q-percentile of one turn index's TTFT (all users), once per repetition."""
+    repetitions = sorted({r.repetition for r in result.records})
+    return Spread.of([percentile([r.ttft_ms for r in result.records if r.repetition == rep and r.turn == turn], q)
+                      for rep in repetitions])
+
+
+def ratio_by_repetition(result: PassResult, peer: PassResult, q: float = 0.5) -> Spread:
+    """A pass's returning-turn TTFT percentile over its peer's, paired by repetition (same prompts)."""
+    pairs = zip(returning_ttft_by_repetition(result, q), returning_ttft_by_repetition(peer, q))
     return Spread.of([f / b for f, b in pairs if b])
 
 
@@ -80,7 +92,7 @@ def print_report(results: list[PassResult], header: list[str]) -> None:
     for line in header:
         print(line)
     print(f"\n{'pass':9} {'worker':6} {'requests':>8} {'prompt tok':>10} {'GPU-hit tok':>11} {'CPU-tier tok':>12} "
-          f"{'SSD-tier tok':>12} {'recomputed':>10} {'events GPU/CPU':>15}")
+          f"{'SSD-tier tok':>12} {'cluster tok':>11} {'recomputed':>10} {'events GPU/CPU':>15}")
     for result in results:
         for w in (0, 1):
             mine = [r for r in result.records if r.worker == w]
@@ -89,9 +101,13 @@ def print_report(results: list[PassResult], header: list[str]) -> None:
             lower_events = sum(n for (_, medium), n in result.published[w].items() if medium != "GPU")
             print(f"{result.name:9} w{w:<5} {len(mine):8d} {sum(r.prompt_tokens for r in mine):10d} "
                   f"{by_source['GPU hit']:11d} {by_source['CPU tier']:12d} {by_source['SSD tier']:12d} "
-                  f"{by_source['recomputed']:10d} {f'{gpu_events}/{lower_events}':>15}")
+                  f"{by_source['cluster tier']:11d} {by_source['recomputed']:10d} {f'{gpu_events}/{lower_events}':>15}")
 
-    print("\nRouting (a user's first turn is pinned to worker user % 2 in every pass; returning turns are routed):")
+    if all(r.pinned for result in results for r in result.records):
+        print("\nRouting (every turn pinned: a user's turn t goes to worker (user + t) % 2, so each returning turn "
+              "lands on the worker that did not serve the user's previous turn):")
+    else:
+        print("\nRouting (a user's first turn is pinned to worker user % 2 in every pass; returning turns are routed):")
     splits = {result.name: split(result) for result in results}
     for name, (per_worker, stayed, returning) in splits.items():
         print(f"  {name:9} requests w0/w1 {per_worker[0]}/{per_worker[1]}; returning turns on their previous "
@@ -123,14 +139,22 @@ def print_report(results: list[PassResult], header: list[str]) -> None:
                              for rep in reps])
         print(f"{result.name:9} {str(all_p50):>20} {str(Spread.of(returning_ttft_by_repetition(result, 0.5))):>20} "
               f"{str(Spread.of(returning_ttft_by_repetition(result, 0.9))):>20}")
+    turns = sorted({r.turn for result in results for r in result.records})
+    print(f"{'pass':9} " + " ".join(f"{f'turn {t + 1} p50':>20}" for t in turns))
+    for result in results:
+        print(f"{result.name:9} " + " ".join(f"{str(ttft_by_turn(result, t)):>20}" for t in turns))
     by_name = {r.name: r for r in results}
-    if {"baseline", "flexkv"} <= set(by_name):
-        ratio = ratio_by_repetition(by_name["flexkv"], by_name["baseline"])
-        print(f"returning-turn TTFT p50, FlexKV / without: {ratio.median:.2f}x "
-              f"(min-max over repetitions {ratio.low:.2f}-{ratio.high:.2f})")
+    for name, peer, label in COMPARISONS:
+        if {name, peer} <= set(by_name):
+            ratio = ratio_by_repetition(by_name[name], by_name[peer])
+            print(f"returning-turn TTFT p50, {label}: {ratio.median:.2f}x "
+                  f"(min-max over repetitions {ratio.low:.2f}-{ratio.high:.2f}); by turn: " + ", ".join(
+                      f"{t + 1}: {ttft_by_turn(by_name[name], t).median / ttft_by_turn(by_name[peer], t).median:.2f}x"
+                      for t in turns))
     same, compared = answers_match(results)
     if compared:
-        print(f"answers identical with and without FlexKV: {same}/{compared}")
+        feature = "the cluster tier" if "cluster" in by_name else "FlexKV"
+        print(f"answers identical with and without {feature}: {same}/{compared}")
     for result in results:
         for problem in result.problems:
             print(f"PROBLEM {result.name}: {problem}")

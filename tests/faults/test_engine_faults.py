@@ -15,7 +15,18 @@ without any connector, within a bounded time; afterwards the index agrees with w
 | `small_dev_shm` | a 64 MiB /dev/shm (Docker's default) in a private mount namespace |
 | `pool_race` | two instances given the same pool name (FLEXKV_SERVER_RECV_PORT) |
 
-The cluster store is not a tier yet; when it lands, "store killed" joins this matrix.
+The cluster tier's rows run against real engines on their own network namespaces ("nodes") sharing a
+real Mooncake Store, so they live with that set-up in tests/integration/test_cluster_tier.py (same
+rule: greedy tokens of an engine without the connector, every request within a bound; the full-store
+row drives the tier itself against a real master):
+
+| row | fault |
+| --- | --- |
+| `test_master_loss_degrades_to_recompute_and_its_return_resumes_sharing` | the store's master killed mid-run (every value lost): misses, the tier unhealthy; then the master back: sharing resumes |
+| `test_a_cut_network_is_the_same_as_a_lost_master` | the node's network link cut |
+| `test_values_corrupted_in_the_store_are_recomputed_by_a_real_engine` | every value in the store corrupted (Redis): staged reads fail, recomputed, no staging loop |
+| `test_a_full_store_declines_puts_and_keeps_serving` | a store too small for what is written: puts declined, the tier healthy |
+| `test_an_engine_whose_store_is_unreachable_fails_at_start_up_in_one_line` | no store at start-up: one error line |
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 Each engine runs in its own network namespace (its own loopback and address), joined to a store
 namespace holding the Mooncake master, its metadata server and a store node that contributes the
 memory. Engine A computes prompts and exits; engine B, which never saw them, loads their KV from the
-store and must produce the tokens of an engine without the connector. Faults: the master dies (the
+store and must produce the tokens of an engine without the connector -- on Mooncake and on Redis (a
+redis-server in the store namespace). Faults: the master dies (the
 tier degrades to recompute, no request hangs, no wrong token) and comes back (sharing resumes); a cut
-network link is the same as a lost master; a full store declines puts. At start-up: an engine whose
+network link is the same as a lost master; a full store declines puts; values corrupted in the store
+are recomputed, never staged again and again. At start-up: an engine whose
 block hashes cannot match another's refuses the tier, and an unreachable store is one error line.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
 import time
 
 import pytest
@@ -22,7 +25,7 @@ from dynamo_flexkv.harness import EngineError, EngineHost
 from dynamo_flexkv.integration.dynamo.processes import free_port
 from dynamo_flexkv.storage.backend import open_backend
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
-from tests.servers import mooncake_cluster, mooncake_master
+from tests.servers import mooncake_cluster, mooncake_master, redis_cluster
 
 pytestmark = pytest.mark.engine
 
@@ -35,6 +38,12 @@ DEADLINE_S = 180
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with mooncake_cluster(tmp_path_factory.mktemp("cluster"), nodes=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def redis_store(tmp_path_factory):
+    with redis_cluster(tmp_path_factory.mktemp("redis"), nodes=2) as running:
         yield running
 
 
@@ -55,20 +64,51 @@ def tokens(completions) -> list[list[int]]:
     return [c.token_ids for c in completions]
 
 
-def test_a_prefix_computed_on_one_node_is_loaded_on_another(tiny_model, cluster, reference):
+@pytest.mark.parametrize(("store", "tier"), [("cluster", "MOONCAKE"), ("redis_store", "REDIS")])
+def test_a_prefix_computed_on_one_node_is_loaded_on_another(tiny_model, store, tier, reference, request):
+    cluster = request.getfixturevalue(store)
     prompts = make_prompts(11)
     expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
     with node_engine(tiny_model, cluster, 0) as a:
         computed = a.generate(prompts, max_tokens=8, one_at_a_time=True)
-        wrote = a.flexkv_state()["mooncake"]
+        wrote = a.flexkv_state()[tier.lower()]
     with node_engine(tiny_model, cluster, 1) as b:
         loaded = b.generate(prompts, max_tokens=8, one_at_a_time=True)
         state = b.flexkv_state()
     assert tokens(computed) == expected and tokens(loaded) == expected
     assert wrote["blocks_written"] == PROMPT_BLOCKS * len(prompts) and wrote["healthy"], wrote
     assert [c.flexkv_tokens for c in loaded] == [PROMPT_BLOCKS * BLOCK] * len(prompts), state
-    assert state["engine_stats"]["hit_blocks"]["MOONCAKE"] == PROMPT_BLOCKS * len(prompts), state
-    assert state["mooncake"]["corrupt_blocks"] == 0
+    assert state["engine_stats"]["hit_blocks"][tier] == PROMPT_BLOCKS * len(prompts), state
+    assert state[tier.lower()]["corrupt_blocks"] == 0
+
+
+# Flips the last byte of every FlexKV value in a Redis store; returns how many it changed.
+FLIP_LAST_BYTE = ("local n = 0 for _, k in ipairs(redis.call('KEYS', 'flexkv/*')) do "
+                  "local v = redis.call('GET', k) local b = string.byte(v, #v) "
+                  "redis.call('SET', k, string.sub(v, 1, #v - 1) .. string.char((b + 1) % 256)) n = n + 1 end return n")
+
+
+def test_values_corrupted_in_the_store_are_recomputed_by_a_real_engine(tiny_model, redis_store, reference):
+    """A staged read that fails (here every value fails its checksum) is a failed load: the engine
+    recomputes those blocks, answers every request within the bound, with the reference tokens."""
+    network, _, settings = redis_store
+    prompts = make_prompts(41)
+    expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
+    with node_engine(tiny_model, redis_store, 0) as a:
+        assert tokens(a.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+    host, port = settings["FLEXKV_REMOTE_STORE"].removeprefix("redis://").split("/")[0].split(":")
+    flipped = subprocess.run(network.run_in(network.store, ["redis-cli", "-h", host, "-p", port, "EVAL",
+                                                            FLIP_LAST_BYTE, "0"]),
+                             capture_output=True, text=True, timeout=30, check=True)
+    assert int(flipped.stdout) >= PROMPT_BLOCKS * len(prompts), flipped
+    with node_engine(tiny_model, redis_store, 1) as b:
+        start = time.monotonic()
+        loaded = b.generate(prompts, max_tokens=8, one_at_a_time=True, timeout_s=DEADLINE_S)
+        elapsed = time.monotonic() - start
+        state = b.flexkv_state()
+    assert tokens(loaded) == expected and elapsed < DEADLINE_S
+    assert state["redis"]["corrupt_blocks"] >= PROMPT_BLOCKS, state
+    assert state["engine_stats"]["hit_blocks"].get("REDIS", 0) == 0, state
 
 
 def test_master_loss_degrades_to_recompute_and_its_return_resumes_sharing(tiny_model, cluster, reference):

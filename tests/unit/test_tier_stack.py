@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dynamo_flexkv.config import FlexKVSettings
+from dynamo_flexkv.storage.backend import failed_io
 from dynamo_flexkv.index import CacheEngine, Stored, TierIndex, make_policy
 from dynamo_flexkv.storage.cpu_pool import SHM_DIR
 from dynamo_flexkv.storage.layout import PoolGeometry
@@ -110,6 +111,23 @@ def test_an_absent_block_is_believed_briefly_and_not_asked_again(stacks):
     assert stack.lookup("r", keys, None) is None
     assert until(lambda: stack.lookup("r", keys, None) is not None, "an answer")
     assert stack.lookup("r2", keys, None) == 0 and len(asked) == 1
+
+
+def test_a_block_the_shared_tier_failed_to_deliver_is_recomputed_not_staged_again(stacks):
+    """The store still says the block exists (a corrupt value, an expired lease): the request vLLM
+    reschedules after the failed load must not find it there again, or it would stage it forever."""
+    cluster = named("CLUSTER")
+    writer, reader = stacks(cluster), stacks(cluster)
+    keys = chain("c", 3)
+    store(writer.engine, "w", keys)
+    settle(writer)
+    assert until(lambda: reader.lookup("r", keys, None), "the store's answer") == 3
+    plan = reader.engine.prepare_load("r", keys)
+    cluster.read = lambda pool, addrs, slots, keys: failed_io(len(keys))
+    reader.stage(plan)
+    assert until(lambda: reader.advance(), "the staging reads") == [("r", 0)]
+    reader.engine.complete_load("r", success=True)  # nothing loaded: vLLM reschedules the request
+    assert reader.lookup("r", keys, None) == 0
 
 
 def test_an_unhealthy_shared_tier_is_not_asked(stacks):

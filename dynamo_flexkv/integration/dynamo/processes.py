@@ -98,6 +98,11 @@ def worker_argv(*args: str, model: Path | str = TINY_MODEL, served_name: str = "
             *TINY_ENGINE_ARGS, *args]
 
 
+def bound_to(cpus: str, argv: Sequence[str]) -> list[str]:
+    """`argv` with it and every process and thread it starts allowed only on `cpus` ("1", "2-3")."""
+    return ["taskset", "--cpu-list", cpus, *argv]
+
+
 def mooncake_master_argv(port: int, host: str = "127.0.0.1") -> list[str]:
     # The master's admin/metrics server defaults to 0.0.0.0:9003: give each master its own port,
     # on the master's address, so two masters (two test sessions, a demo) never collide.
