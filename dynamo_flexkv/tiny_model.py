@@ -124,6 +124,13 @@ SLIDING = ModelShape(layers=4, hidden=128, intermediate=256, heads=2, kv_heads=2
 HYBRID_SSM = ModelShape(layers=2, hidden=128, intermediate=256, heads=2, kv_heads=2, ssm=True)
 
 
+def _shape_config(shape: ModelShape, vocab_size: int) -> dict:
+    """The Hugging Face config arguments every tiny architecture shares."""
+    return dict(vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                max_position_embeddings=8192, bos_token_id=0, eos_token_id=2, torch_dtype=shape.dtype)
+
+
 def build_model(out: Path, vocab_size: int, shape: ModelShape = TINY) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -135,21 +142,8 @@ def build_model(out: Path, vocab_size: int, shape: ModelShape = TINY) -> None:
         _build_hybrid_ssm_model(out, vocab_size, shape)
         return
     torch.manual_seed(SEED)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        bos_token_id=0,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        torch_dtype=shape.dtype,
-    )
+    config = LlamaConfig(**_shape_config(shape, vocab_size), head_dim=shape.head_dim, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(getattr(torch, shape.dtype))
     # Wider logits than the default init make greedy decoding decisive (fewer near-ties).
     with torch.no_grad():
@@ -165,23 +159,9 @@ def _build_sliding_window_model(out: Path, vocab_size: int, shape: ModelShape) -
 
     torch.manual_seed(SEED)
     config = Gemma2Config(
-        vocab_size=vocab_size,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        query_pre_attn_scalar=shape.head_dim,
-        sliding_window=shape.sliding_window,
-        attn_logit_softcapping=None,
-        final_logit_softcapping=None,
-        max_position_embeddings=8192,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-        torch_dtype=shape.dtype,
+        **_shape_config(shape, vocab_size), head_dim=shape.head_dim, query_pre_attn_scalar=shape.head_dim,
+        sliding_window=shape.sliding_window, attn_logit_softcapping=None, final_logit_softcapping=None,
+        pad_token_id=0, tie_word_embeddings=True,
     )
     model = Gemma2ForCausalLM(config).to(getattr(torch, shape.dtype))
     with torch.no_grad():
@@ -202,24 +182,8 @@ def _build_hybrid_ssm_model(out: Path, vocab_size: int, shape: ModelShape) -> No
 
     torch.manual_seed(SEED)
     config = JambaConfig(
-        vocab_size=vocab_size,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        num_experts=1,
-        num_experts_per_tok=1,
-        mamba_dt_rank=8,
-        use_mamba_kernels=False,
-        max_position_embeddings=8192,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-        torch_dtype=shape.dtype,
+        **_shape_config(shape, vocab_size), attn_layer_period=2, attn_layer_offset=1, num_experts=1,
+        num_experts_per_tok=1, mamba_dt_rank=8, use_mamba_kernels=False, pad_token_id=0, tie_word_embeddings=False,
     )
     JambaForCausalLM(config).to(getattr(torch, shape.dtype)).save_pretrained(out, safe_serialization=True)
 

@@ -43,6 +43,19 @@ class IoResult:
     bytes: int  # bytes moved by the blocks that succeeded
 
 
+@dataclass
+class TierIOStats:
+    """Counters every tier backend keeps (backends add their own); read by the metrics."""
+
+    blocks_written: int = 0
+    blocks_read: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    write_failed_blocks: int = 0
+    read_failed_blocks: int = 0  # every failed read: misses, corruption, errors
+    corrupt_blocks: int = 0  # data did not match its checksum (or header)
+
+
 class RecoveredBlock(NamedTuple):
     """A block a tier kept from an earlier run."""
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock
+from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock, TierIOStats
 from dynamo_flexkv.storage.private_files import ForeignFileError
 from dynamo_flexkv.storage.ssd_claim import reclaim_dead_files
 from dynamo_flexkv.storage.ssd_io import (
@@ -71,14 +71,7 @@ DEFAULT_IO_TIMEOUT_S = 20.0
 
 
 @dataclass
-class SsdStats:
-    blocks_written: int = 0
-    blocks_read: int = 0
-    bytes_written: int = 0
-    bytes_read: int = 0
-    write_failed_blocks: int = 0
-    read_failed_blocks: int = 0  # every ok=False read: misses, corruption, I/O errors
-    corrupt_blocks: int = 0  # data did not match its checksum
+class SsdStats(TierIOStats):
     io_errors: int = 0  # failed syscalls (ops, not blocks)
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from dynamo_flexkv.storage.backend import TierIOStats
+
 logger = logging.getLogger(__name__)
 
 HEADER_BYTES = 128
@@ -41,14 +43,7 @@ def view_blocks(capacity_bytes: int, slot_bytes: int) -> int:
 
 
 @dataclass
-class RemoteStats:
-    blocks_written: int = 0
-    blocks_read: int = 0
-    bytes_written: int = 0
-    bytes_read: int = 0
-    write_failed_blocks: int = 0
-    read_failed_blocks: int = 0  # misses, evicted or foreign values, errors
-    corrupt_blocks: int = 0  # header or checksum did not match
+class RemoteStats(TierIOStats):
     lookups: int = 0
     errors: int = 0  # failed calls to the store
 
