@@ -102,9 +102,8 @@ class FlexKVConnector(FlexKVConnectorV1, SupportsHMA):
             kv_events = vllm_config.kv_events_config
             publish = bool(kv_events and kv_events.enable_kv_cache_events)
             layerwise = loads_layer_by_layer(settings.layerwise_load, vllm_config)
-            logger.info("layerwise_load=%s: CPU-tier hits load %s (cudagraph_mode %s)", settings.layerwise_load,
-                        "layer by layer inside the step" if layerwise else "between steps",
-                        vllm_config.compilation_config.cudagraph_mode)
+            logger.info("layerwise_load=%s resolved to %s (vLLM cudagraph_mode %s)", settings.layerwise_load,
+                        layerwise, vllm_config.compilation_config.cudagraph_mode)
             self._owner_lock = claim_pool_owner(facts.identity)  # held for the life of the process
             self._scheduler = SchedulerSide(facts, settings.model_copy(update={"layerwise_load": layerwise}),
                                             publish_events=publish)
