@@ -197,7 +197,8 @@ class SchedulerSide:
             live = [(j, block_id) for j, block_id in enumerate(ids) if block_id != NULL_BLOCK_ID]
             lacking = [j for j, _ in live if j < usable and not masks[j] >> bit & 1]
             pairs.append([(block_id, plan.slots[j]) for j, block_id in live if j < usable and masks[j] >> bit & 1])
-            unavailable += [block_id for j, block_id in live if j >= usable or j in lacking]
+            lacking_set = set(lacking)
+            unavailable += [block_id for j, block_id in live if j >= usable or j in lacking_set]
             if lacking:  # usable_hit cut the hit for every group: vLLM kept more blocks than predicted
                 logger.warning("group %d of request %s: %d blocks the tier does not hold, recomputed",
                                bit, request_id, len(lacking))
