@@ -32,6 +32,9 @@ from dynamo_flexkv.index.plans import (
 )
 from dynamo_flexkv.index.tier import BlockState, TierIndex
 
+# a stored block may extend one that is READY or still being written (see prepare_store)
+_LINKABLE = (BlockState.READY, BlockState.WRITING)
+
 
 @dataclass(frozen=True, slots=True)
 class _PendingStore:
@@ -266,8 +269,11 @@ class CacheEngine:
         ``parents[i]`` is the block ``keys[i]`` extends (None for the first block); ``groups[i]``
         the mask of the KV-cache groups whose KV the store copies (default: every group). Keys already
         present are skipped (READY ones count as a hit). A key is stored only if its parent is
-        None, READY in the tier, or planned earlier in this call: a block is never placed where
-        it would be unreachable, and its Stored event never precedes its parent's. Planning
+        None, READY or WRITING in the tier, or planned earlier in this call: a request's last
+        blocks are planned while the save of its previous chunk is still in flight (vLLM frees a
+        finished request's blocks after that one step). ``complete_store`` commits a plan only once
+        its first parent is READY, so a block is never left unreachable and its Stored event never
+        precedes its parent's. Planning
         stops at the first missing key that cannot be placed (parent not available, or no slot
         left), so the plan is a prefix of the missing keys, in order. Evictions it causes are
         published at once.
@@ -284,7 +290,7 @@ class CacheEngine:
         new_parents: list[bytes | None] = []
         new_groups: list[int] = []
         planned: set[bytes] = set()
-        state_of, is_ready = tier.state_of, tier.is_ready
+        state_of = tier.state_of
         masks = groups if groups is not None else [ALL_GROUPS] * len(keys)
         for key, parent, mask in zip(keys, parents, masks, strict=True):
             state = state_of(key)
@@ -292,7 +298,7 @@ class CacheEngine:
                 if state is BlockState.READY:
                     hits.append(key)
                 continue
-            if parent is not None and parent not in planned and not is_ready(parent):
+            if parent is not None and parent not in planned and state_of(parent) not in _LINKABLE:
                 break
             new_keys.append(key)
             new_parents.append(parent)
@@ -311,17 +317,19 @@ class CacheEngine:
                                                  None if groups is None else tuple(new_groups[:placed]))
         return plan
 
-    def complete_store(self, request_id: str, success: bool) -> None:
+    def complete_store(self, request_id: str, success: bool) -> bool:
         """Finish the request's store: on success its blocks become READY and are announced, and
-        their write-through into the next tier is planned (see ``take_spills``); otherwise they
-        are rolled back (never announced, so nothing is published).
-        ``KeyError`` if the request has no store in flight."""
+        their write-through into the next tier is planned (see ``take_spills``); otherwise, or if
+        the block the plan extends is not READY (its own store failed, or has not completed yet),
+        they are rolled back (never announced, so nothing is published). Returns whether the
+        blocks were committed. ``KeyError`` if the request has no store in flight."""
         pending = self._stores.pop(request_id)
         plan = pending.plan
         tier = self._by_name[plan.tier]
-        if not success:
+        first_parent = pending.parents[0]
+        if not success or (first_parent is not None and not tier.is_ready(first_parent)):
             tier.rollback(plan.keys)
-            return
+            return False
         tier.commit(plan.keys, pending.groups)
         self._stats.stored_blocks[tier.name] += len(plan.keys)
         if self._record_events:
@@ -330,6 +338,7 @@ class CacheEngine:
             spill = self.prepare_spill(plan.keys, pending.parents, lower.name)
             if spill is not None:
                 self._new_spills.append(spill)
+        return True
 
     # ---- cascade -------------------------------------------------------------------------
 

@@ -41,3 +41,22 @@ def test_saves_complete_under_cache_pressure_with_vllm_026_steps(tiny_model, ref
     # The others pushed each prompt out of vLLM's cache: every full block came back from the CPU tier.
     assert [c.flexkv_tokens for c in again] == [FULL_BLOCKS * BLOCK] * 4
     assert state["engine_stats"]["stored_blocks"]["CPU"] >= 4 * FULL_BLOCKS
+
+
+def test_a_prompt_prefilled_in_chunks_is_stored_whole(tiny_model, reference):
+    """vLLM prefills a long prompt in chunks. When the request finishes with its last chunk, the save
+    of that chunk's blocks extends blocks whose save (planned one step earlier) is still in flight on
+    a GPU (tests/gpu_timing.py makes it so here). Those blocks must still reach the CPU tier: asked
+    again, the whole prompt loads (on the H200 a re-asked 32k prompt loaded only its first 16k)."""
+    full_blocks = 12
+    prompt = random_prompt(random.Random(8), full_blocks * BLOCK + 5)
+    want = reference.generate([prompt], max_tokens=4)[0]
+    # chunks of 5 blocks: the last one (2 full blocks and 5 tokens) finishes the request
+    engine = {**ENGINE, "max_num_batched_tokens": 5 * BLOCK, "kv_transfer_config": COMPAT_CONFIG}
+    env = {"FLEXKV_CPU_CACHE_GB": "0.05"}
+    with EngineHost(tiny_model, engine, env=env, child_setup="tests.gpu_timing:saves_land_a_step_late") as host:
+        host.generate([prompt], max_tokens=1)  # finishes in the step that computes its last chunk
+        host.reset_gpu_prefix_cache()  # after every save landed
+        again = host.generate([prompt], max_tokens=4)[0]
+    assert again.flexkv_tokens == full_blocks * BLOCK
+    assert again.token_ids == want.token_ids

@@ -151,15 +151,36 @@ def test_touch_protects_blocks_from_eviction() -> None:
     assert engine.take_events()[-1] == Removed("CPU", (b"b",))
 
 
-def test_prepare_store_skips_blocks_another_request_is_writing() -> None:
+def test_a_store_may_extend_blocks_still_being_written() -> None:
+    """A request's last blocks are planned while its previous chunk's save is in flight (vLLM frees a
+    finished request's blocks one step later): they are committed once that save has landed."""
     engine = make_engine()
     keys = chain("a", 3)
     engine.prepare_store("w1", keys[:2], parents_of(keys[:2]))
-    # a1 is WRITING elsewhere: a2's parent is not READY, so nothing can be stored yet
-    assert engine.prepare_store("w2", keys, parents_of(keys)) is None
-    engine.complete_store("w1", True)
     plan = engine.prepare_store("w2", keys, parents_of(keys))
-    assert plan is not None and plan.keys == (keys[2],)
+    assert plan is not None and plan.keys == (keys[2],)  # a0, a1 are WRITING: skipped, not hits
+    assert engine.complete_store("w1", True) and engine.complete_store("w2", True)
+    assert [e.keys for e in engine.take_events()] == [tuple(keys[:2]), (keys[2],)]  # parents announced first
+    assert engine.lookup(keys) == 3
+
+
+def test_a_store_whose_parent_was_not_stored_is_dropped() -> None:
+    engine = make_engine(4)
+    keys = chain("a", 3)
+    engine.prepare_store("w1", keys[:2], parents_of(keys[:2]))
+    engine.prepare_store("w2", keys, parents_of(keys))
+    # out of order: a2's parent a1 is still WRITING when its own save lands
+    assert engine.complete_store("w2", True) is False
+    assert engine.complete_store("w1", False) is False  # the parents' save failed
+    assert engine.take_events() == [] and engine.tiers[0].num_free == 4
+    engine.tiers[0].verify()
+    # and a child planned on a parent that then failed is never committed either
+    engine.prepare_store("w3", keys[:2], parents_of(keys[:2]))
+    engine.prepare_store("w4", keys, parents_of(keys))
+    engine.complete_store("w3", False)
+    assert engine.complete_store("w4", True) is False
+    assert engine.lookup(keys) == 0 and engine.tiers[0].num_free == 4
+    engine.tiers[0].verify()
 
 
 def test_prepare_store_never_strands_a_block() -> None:

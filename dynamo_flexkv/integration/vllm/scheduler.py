@@ -92,6 +92,7 @@ class SchedulerSide:
         self._tracked: dict[str, _Tracked] = {}
         self._saving: dict[str, tuple[str, StorePlan]] = {}  # save id -> (request id, plan)
         self._save_acks: dict[str, int] = {}  # save id -> ranks that finished it so far
+        self._save_order: dict[str, int] = {}  # save id -> when it was planned
         self._save_failed: set[str] = set()
         self._held: set[str] = set()  # finished requests whose GPU blocks vLLM keeps for our saves
         self._lacking: dict[str, int] = {}  # request id -> first block of its load a group could not fill
@@ -267,6 +268,7 @@ class SchedulerSide:
         if self.events is not None:
             self._remember_tokens(request, indices, plan.keys)
         self._saving[save_id] = (request.request_id, plan)
+        self._save_order[save_id] = self._save_seq
         logger.debug("save scheduled: request=%s save=%s blocks=%d", request.request_id, save_id, len(plan.keys))
         pairs = [[(ids[i], slot) for i, slot in zip(indices, plan.slots) if masks is None or masks[i - start] >> bit & 1]
                  for bit, ids in enumerate(tracked.block_ids)]
@@ -353,10 +355,14 @@ class SchedulerSide:
         for request_id in output.finished_recving or ():
             self._complete_load(self._loading.pop(request_id, None), report)
         self._save_failed |= report.failed_saves
+        done = []
         for save_id, ranks in report.saves_done.items():
             self._save_acks[save_id] = self._save_acks.get(save_id, 0) + ranks
             if self._save_acks[save_id] >= self.tp_size:
-                self._complete_save(save_id)
+                done.append(save_id)
+        # in the order they were planned: a save may extend blocks an earlier one wrote
+        for save_id in sorted(done, key=self._save_order.pop):
+            self._complete_save(save_id)
         for request_id in output.finished_sending or ():
             self._held.discard(request_id)
         self._advance_lower_tiers()  # start the write-through at once: it holds CPU blocks
@@ -366,11 +372,13 @@ class SchedulerSide:
         ok = save_id not in self._save_failed
         self._save_failed.discard(save_id)
         request_id, plan = self._saving.pop(save_id)
-        self.engine.complete_store(save_id, success=ok)
+        committed = self.engine.complete_store(save_id, success=ok)
+        if not committed and self.events is not None:
+            self.events.forget(plan.keys)
         if not ok:
-            if self.events is not None:
-                self.events.forget(plan.keys)
             logger.warning("save failed, slots released: request=%s save=%s", request_id, save_id)
+        elif not committed:
+            logger.info("save dropped, the block it extends was not stored: request=%s save=%s", request_id, save_id)
 
     def _complete_load(self, plan: LoadPlan | None, report: FlexKVWorkerReport) -> None:
         if plan is None:
