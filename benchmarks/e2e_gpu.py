@@ -127,20 +127,30 @@ def write_random_model(out: Path, kind: str, seed: int = 0) -> Path:
 
 # --- engine configs ------------------------------------------------------------------------------
 
-def engine_config(name: str, base: dict) -> tuple[dict, dict[str, str]]:
-    """(LLM kwargs, environment) of a named config. `-v1` selects vLLM's V1 model runner."""
+def engine_config(spec: str, base: dict) -> tuple[dict, dict[str, str]]:
+    """(LLM kwargs, environment) of a config: `name[:VAR=value...]`, the variables set in the engine's
+    environment on top of the name's (e.g. `flexkv-async:FLEXKV_CUDA_ISSUE=thread`). `-v1` selects
+    vLLM's V1 model runner; `flexkv-auto` leaves `layerwise_load` at its default."""
+    name, *overrides = spec.split(":")
     kwargs, env = dict(base), {}
     if name.endswith("-v1"):
         env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         name = name.removesuffix("-v1")
     if name.startswith("flexkv"):
         kwargs["kv_transfer_config"] = FLEXKV
-        env.update(FLEXKV_CPU_CACHE_GB=str(CPU_GB), FLEXKV_LAYERWISE_LOAD="0" if name == "flexkv-async" else "1")
+        env["FLEXKV_CPU_CACHE_GB"] = str(CPU_GB)
+        if name != "flexkv-auto":
+            env["FLEXKV_LAYERWISE_LOAD"] = "0" if name == "flexkv-async" else "1"
     elif name in ("vllm-offloading", "vllm-simple-offload"):
         kwargs.update(kv_offloading_size=CPU_GB, kv_offloading_backend="native")
         env["VLLM_USE_SIMPLE_KV_OFFLOAD"] = "1" if name == "vllm-simple-offload" else "0"
     elif name != "recompute":
         raise ValueError(f"unknown config {name!r}")
+    for override in overrides:
+        var, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"config {spec!r}: {override!r} is not VAR=value")
+        env[var] = value
     return kwargs, env
 
 

@@ -11,7 +11,10 @@ On CUDA, in one run:
    for each method, as a ratio to (1);
 4. the slowdown of a concurrent bf16 matmul stream while transfers run;
 5. layer-wise overlap: a simulated forward (per layer: wait_layer(i), then the GEMMs of one Llama-3-8B
-   layer for `--new-tokens` tokens) over a cached prefix of `--prefix-tokens`, with and without it.
+   layer for `--new-tokens` tokens) over a cached prefix of `--prefix-tokens`, with and without it;
+6. busy host: a 4k- and a 32k-token prefix loaded and saved while the calling thread keeps running
+   Python, as vLLM's engine thread does between steps and in an eager forward, for each way of
+   issuing the copies (`--busy-methods`; `issue=caller|thread|caller-loads`), against pinned memcpy.
 On CPU (auto when no GPU, or --device cpu) the same steps run on small sizes with `BlockCopier`, and
 the limit is a plain contiguous torch copy of the same bytes.
 
@@ -223,10 +226,10 @@ def measure_peak(device, nbytes: int, reps: int) -> dict:
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """'name[/key=value...]': staged/mib=64/bufs=2/lbufs=4/prio=-100/max=2048, batch/max=2048, zerocopy/ctas=32,
+    """'name[/key=value...]': staged/mib=64/bufs=2/lbufs=4/prio=-100/max=2048/issue=thread, batch/max=2048, zerocopy/ctas=32,
     torch, legacy (BlockCopier unchanged on the CUDA cache)."""
     name, *opts = spec.split("/")
-    keys = {"mib": ("staging_bytes", lambda v: int(v) << 20), "bufs": ("staging_buffers", int),
+    keys = {"mib": ("staging_bytes", lambda v: int(v) << 20), "bufs": ("staging_buffers", int), "issue": ("issue", str),
             "lbufs": ("load_staging_buffers", int),
             "ctas": ("max_programs", int), "max": ("max_batch", int), "prio": ("load_priority", int)}
     out = {}
@@ -257,6 +260,38 @@ def close(copier) -> None:
 # Correctness
 
 
+def round_trip(name, copier, caches, layout, pool, geometry, rank, src_blocks, dst_blocks, slots, device) -> list[str]:
+    """Save `src_blocks` to `slots` (compared with the CPU primitive's slot format), then load them into
+    the poisoned `dst_blocks`, whole and layer by layer; returns failures."""
+    failures = []
+    num_blocks = layout.num_blocks
+    pool.fill_(0x5A)
+    copier.save(src_blocks, slots)
+    # the slot format's reference: the CPU primitive on a CPU copy of the caches as they are now
+    ref_layout = KVCacheLayout({k: v.cpu() for k, v in caches.items()}, num_blocks)
+    ref_pool = torch.full_like(pool, 0x5A)
+    BlockCopier(ref_layout, ref_pool, geometry, rank).save(src_blocks, slots)
+    if not torch.equal(pool, ref_pool):
+        failures.append(f"{name}: pool bytes differ from the CPU primitive's slot format")
+    for layerwise in (False, True):
+        for seg in layout.segments:
+            seg[dst_blocks] = 0xA5  # poison
+        if layerwise:
+            handle = start_layerwise_load(copier, slots, dst_blocks)
+            for i in range(len(layout.layer_names)):
+                handle.wait_layer(i)
+            handle.wait_all()
+            handle.synchronize()
+        else:
+            copier.load(slots, dst_blocks)
+        sync(device)
+        for s, seg in enumerate(layout.segments):
+            if not torch.equal(seg[src_blocks], seg[dst_blocks]):
+                failures.append(f"{name}: segment {s} differs after {'layerwise ' if layerwise else ''}load")
+                break
+    return failures
+
+
 def check_layout(case: str, model: Model, layout_kind: str, separate: bool, device, specs, rank: int = 0,
                  world: int = 1, n: int = 48, small_chunks: bool = False) -> list[str]:
     """Round trips through every method; returns failures (empty = all bit-exact)."""
@@ -276,6 +311,10 @@ def check_layout(case: str, model: Model, layout_kind: str, separate: bool, devi
         region = pin_host_memory(pool, chunk_bytes=(3 * geometry.slot_bytes if small_chunks else 1 << 30), strict=True)
     rng = np.random.default_rng(hash(case) % 2**32)
     try:
+        # random slots, and runs of consecutive slots (one 2D copy each where a row is part of a slot)
+        runs = [*range(1, 1 + n // 2), *range(n // 2 + 3, n // 2 + 3 + 2 * (n - n // 2), 2)]
+        patterns = {"random slots": rng.permutation(geometry.num_slots)[:n].tolist(),
+                    "runs of slots": rng.permutation(runs).tolist()}
         for spec in specs:
             try:
                 copier = make(layout, pool, geometry, rank, spec)
@@ -283,33 +322,11 @@ def check_layout(case: str, model: Model, layout_kind: str, separate: bool, devi
                 failures.append(f"{case}/{spec}: {exc}")
                 continue
             try:
-                perm = rng.permutation(num_blocks)
-                src_blocks, dst_blocks = perm[:n].tolist(), perm[n : 2 * n].tolist()
-                slots = rng.permutation(geometry.num_slots)[:n].tolist()
-                pool.fill_(0x5A)
-                copier.save(src_blocks, slots)
-                # the slot format's reference: the CPU primitive on a CPU copy of the caches as they are now
-                ref_layout = KVCacheLayout({k: v.cpu() for k, v in caches.items()}, num_blocks)
-                ref_pool = torch.full_like(pool, 0x5A)
-                BlockCopier(ref_layout, ref_pool, geometry, rank).save(src_blocks, slots)
-                if not torch.equal(pool, ref_pool):
-                    failures.append(f"{case}/{spec}: pool bytes differ from the CPU primitive's slot format")
-                for layerwise in (False, True):
-                    for seg in layout.segments:
-                        seg[dst_blocks] = 0xA5  # poison
-                    if layerwise:
-                        handle = start_layerwise_load(copier, slots, dst_blocks)
-                        for i in range(len(layout.layer_names)):
-                            handle.wait_layer(i)
-                        handle.wait_all()
-                        handle.synchronize()
-                    else:
-                        copier.load(slots, dst_blocks)
-                    sync(device)
-                    for s, seg in enumerate(layout.segments):
-                        if not torch.equal(seg[src_blocks], seg[dst_blocks]):
-                            failures.append(f"{case}/{spec}: segment {s} differs after {'layerwise ' if layerwise else ''}load")
-                            break
+                for pattern, slots in patterns.items():
+                    perm = rng.permutation(num_blocks)
+                    src_blocks, dst_blocks = perm[:n].tolist(), perm[n : 2 * n].tolist()
+                    failures += round_trip(f"{case}/{spec}/{pattern}", copier, caches, layout, pool, geometry,
+                                           rank, src_blocks, dst_blocks, slots, device)
             except Exception as exc:
                 failures.append(f"{case}/{spec}: {type(exc).__name__}: {exc}")
             finally:
@@ -600,6 +617,83 @@ def bench_overlap(device, host, specs, args) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Busy host: the caller keeps running Python while the copies run
+
+
+def engine_thread_work(seconds: float, state: dict) -> None:
+    """Pure Python for `seconds`, never releasing the GIL: what vLLM's engine thread does between
+    steps (scheduling, bookkeeping) and, in eager mode, while it launches a layer's kernels."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for i in range(32):
+            state[i] = state.get(i, 0) + 1
+
+
+def bench_busy_host(device, host, specs, args, peak) -> list[dict]:
+    """Load, save and layer-wise load of a 4k- and a 32k-token prefix (Llama-3-8B shape), timed from
+    the call to the last byte, with the caller waiting idle and with the caller running Python: polling
+    `done()` between 0.2 ms slices (the engine's step loop), or, for the layer-wise load, a Python
+    forward of 0.3 ms per layer that waits for each layer first (an eager forward)."""
+    model = MODELS["llama-16"]
+    max_blocks = 32768 // model.block_size
+    num_blocks = max_blocks + 64
+    layout = KVCacheLayout(build_caches(model, num_blocks, "nhd", False, device), num_blocks)
+    geometry = PoolGeometry(max_blocks, layout.shard_bytes, 1)
+    pool = host.pool(geometry)
+    rng = np.random.default_rng(3)
+    marker = torch.zeros(1, device=device)
+    state: dict = {}
+    rows = []
+    for spec in specs:
+        try:
+            copier = make(layout, pool, geometry, 0, spec)
+        except Exception as exc:
+            log(f"busy host {spec}: unavailable ({exc})")
+            continue
+        for tokens in (4096, 32768):
+            n = tokens // model.block_size
+            blocks = rng.permutation(num_blocks)[:n].tolist()
+            slots = list(range(n))  # consecutive, as a request's blocks get them from a fresh pool
+            copier.save(blocks, slots)  # warm-up, and the bytes the loads read
+            copier.load(slots, blocks)
+            starts = {"load": lambda: start_load(copier, slots, blocks),
+                      "save": lambda: start_save(copier, blocks, slots),
+                      "layer-wise load": lambda: start_layerwise_load(copier, slots, blocks)}
+            for kind, start in starts.items():
+                for busy in (False, True):
+                    took, returned = [], []
+                    for _ in range(args.reps + 1):
+                        sync(device)
+                        t0 = time.perf_counter()
+                        handle = start()
+                        returned.append(time.perf_counter() - t0)
+                        if busy and kind == "layer-wise load":
+                            for layer in range(model.layers):
+                                handle.wait_layer(layer)
+                                marker.add_(1)  # the layer's "attention", ordered after its bytes
+                                engine_thread_work(0.0003, state)
+                        elif busy:
+                            while not handle.done():
+                                engine_thread_work(0.0002, state)
+                        handle.synchronize()
+                        sync(device)
+                        took.append(time.perf_counter() - t0)
+                    took, returned = took[1:], returned[1:]  # the first of each series warms up
+                    nbytes = n * layout.shard_bytes
+                    limit_s = nbytes / (peak["d2h" if kind == "save" else "h2d"] * GB)
+                    row = {"method": spec, "tokens": tokens, "kind": kind, "caller": "busy" if busy else "idle",
+                           "bytes": nbytes, "ms": statistics.median(took) * 1e3, "min_ms": min(took) * 1e3,
+                           "max_ms": max(took) * 1e3, "returns_ms": statistics.median(returned) * 1e3,
+                           "limit_ms": limit_s * 1e3, "ratio": limit_s / statistics.median(took)}
+                    rows.append(row)
+                    log(f"busy host {spec:<22} {tokens:>5} tokens {kind:<15} caller {row['caller']}: "
+                        f"{row['ms']:.1f} ms ({row['min_ms']:.1f}-{row['max_ms']:.1f}; memcpy {row['limit_ms']:.1f} ms, "
+                        f"x{row['ratio']:.2f}), call returns after {row['returns_ms']:.2f} ms")
+        close(copier)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # Pinning experiment
 
 
@@ -714,7 +808,7 @@ def environment(device) -> dict:
     return env
 
 
-def fmt_table(peak, rows, inter, overlap, device) -> str:
+def fmt_table(peak, rows, inter, overlap, device, busy=()) -> str:
     lim = "pinned memcpy" if device.type == "cuda" else "contiguous torch copy"
     out = [f"Physical limit ({lim}, same run): H2D {peak['h2d']:.1f} GB/s, D2H {peak['d2h']:.1f} GB/s, "
            f"both at once {peak['both']:.1f} GB/s", "",
@@ -737,6 +831,12 @@ def fmt_table(peak, rows, inter, overlap, device) -> str:
         for r in overlap:
             out.append(f"| {r['method']} | {r['load_ms']:.1f} ({r['load_layerwise_ms']:.1f}) | {r['compute_ms']:.1f} | {r['sequential_ms']:.1f} | "
                        f"{r['layerwise_ms']:.1f} | {r['ideal_ms']:.1f} | {100 * r['hidden_frac']:.0f}% |")
+    if busy:
+        out += ["", "| method | prefix tokens | transfer | caller | ms (min-max) | x memcpy | call returns after ms |",
+                "|---|---|---|---|---|---|---|"]
+        for r in busy:
+            out.append(f"| {r['method']} | {r['tokens']} | {r['kind']} | {r['caller']} | {r['ms']:.1f} "
+                       f"({r['min_ms']:.1f}-{r['max_ms']:.1f}) | {r['ratio']:.2f} | {r['returns_ms']:.2f} |")
     return "\n".join(out)
 
 
@@ -756,7 +856,9 @@ def main(argv=None) -> int:
     p.add_argument("--pin-test-gib", type=int, default=4)
     p.add_argument("--interference-methods", default=None)
     p.add_argument("--overlap-methods", default=None)
-    p.add_argument("--skip", default="", help="comma list of: checks,throughput,interference,overlap,pinning,batch-sizes")
+    p.add_argument("--busy-methods", default="staged/issue=thread,staged/issue=caller")
+    p.add_argument("--skip", default="",
+                   help="comma list of: checks,throughput,interference,overlap,pinning,batch-sizes,busy-host")
     p.add_argument("--out", default=None, help="write the markdown table here")
     p.add_argument("--json", default=None, help="write every number here")
     args = p.parse_args(argv)
@@ -773,7 +875,7 @@ def main(argv=None) -> int:
     specs = (args.methods or ("staged,batch,zerocopy,zerocopy/ctas=32,legacy" if cuda else "cpu")).split(",")
     skip = set(filter(None, args.skip.split(",")))
     if not cuda:
-        skip |= {"interference", "pinning", "batch-sizes"}
+        skip |= {"interference", "pinning", "batch-sizes", "busy-host"}
     env = environment(device)
     log("environment: " + json.dumps(env))
 
@@ -806,13 +908,13 @@ def main(argv=None) -> int:
     if not cuda:
         models = [Model(m.name, min(m.layers, args.layers), m.kind, m.block_size) for m in models]
     host = None
-    if cuda and not {"throughput", "interference", "overlap", "batch-sizes"} <= skip:
+    if cuda and not {"throughput", "interference", "overlap", "batch-sizes", "busy-host"} <= skip:
         need = max(PoolGeometry(2 * args.blocks, m.shard_bytes, 1).total_bytes for m in models)
-        need = max(need, PoolGeometry(args.prefix_tokens // 16, MODELS["llama-16"].shard_bytes, 1).total_bytes)
+        need = max(need, PoolGeometry(max(args.prefix_tokens, 32768) // 16, MODELS["llama-16"].shard_bytes, 1).total_bytes)
         host = HostBuffer(need, cuda=True)
         log(f"host pool buffer: {need / 2**30:.1f} GiB ({'shm' if host.path else 'anonymous'}), "
             f"pinned in {host.pin_seconds:.1f} s")
-    rows, inter, overlap = [], [], []
+    rows, inter, overlap, busy = [], [], [], []
 
     def section(name, fn):
         try:
@@ -836,13 +938,15 @@ def main(argv=None) -> int:
         if "overlap" not in skip:
             ov_specs = (args.overlap_methods or ("staged,staged/lbufs=2,batch,zerocopy" if cuda else "cpu")).split(",")
             overlap = section("overlap", lambda: bench_overlap(device, host, ov_specs, args))
+        if "busy-host" not in skip:
+            busy = section("busy host", lambda: bench_busy_host(device, host, args.busy_methods.split(","), args, peak))
     finally:
         if host is not None:
             host.close()
-    results.update(rows=rows, interference=inter, overlap=overlap)
+    results.update(rows=rows, interference=inter, overlap=overlap, busy_host=busy)
     if args.json:  # first: a formatting problem must not lose the numbers
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    table = fmt_table(peak, rows, inter, overlap, device)
+    table = fmt_table(peak, rows, inter, overlap, device, busy)
     print("\n" + table + "\n", flush=True)
     if args.out:
         Path(args.out).write_text(table + "\n")

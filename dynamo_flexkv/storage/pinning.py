@@ -73,6 +73,7 @@ class CudaDriver:
             "cuMemHostGetDevicePointer_v2": [p(ctypes.c_uint64), c_void_p, c_uint],
             "cuGetProcAddress_v2": [ctypes.c_char_p, p(c_void_p), c_int, ctypes.c_uint64, p(c_int)],
             "cuMemcpyAsync": [ctypes.c_uint64, ctypes.c_uint64, c_size_t, c_void_p],
+            "cuMemcpy2DAsync_v2": [c_void_p, c_void_p],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)

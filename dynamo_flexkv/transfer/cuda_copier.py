@@ -9,9 +9,21 @@ A transfer of n (block, slot) pairs touches n x S *segments* (S = segments per b
 or two per layer for K/V planes). Every method plans them as numpy arrays of addresses (`SegmentTable`;
 no Python loop over blocks or layers) and executes them as a few large operations on side streams,
 ordered after the caller's current (compute) stream by an event recorded at call time. The compute
-stream never waits for a save. The operations are issued by one background thread per direction
-(`_Issuer`): issuing gigabytes of copies blocks the issuing thread until the GPU has worked through
-most of them, which would otherwise stall the caller (measured: up to 70 ms for 2 GiB).
+stream never waits for a save.
+
+Who issues the operations (`issue=` or FLEXKV_CUDA_ISSUE, one of ISSUE_MODES):
+- "caller" (default): the calling thread, before the call returns (a 4 GiB load: ~7 ms).
+- "thread": one background thread per direction (`_Issuer`), so the call returns at once. Every torch
+  and driver call of the issue loop releases the GIL, and the thread must win it back each time;
+  while the engine thread runs Python (vLLM's step loop, an eager forward), each win waits out
+  Python's 5 ms switch interval: a 4 GiB load that takes 79 ms with an idle caller took 3.1 s
+  (`benchmarks/transfer.py`, busy host). In vLLM the thread mode gave the longer TTFT, and
+  the same decode speed once a step's saves are one transfer (docs/gpu.md).
+- "caller-loads": loads by the caller, saves by the thread.
+Issuing tens of thousands of small copies (the "batch" method, or layer rows of scattered slots)
+blocks the issuing thread until the GPU has worked through most of them; the staged method issues
+a layer's rows over consecutive slots as one 2D copy, so a 32k-token layer-wise load is issued in
+~8 ms.
 
 Methods (`method=` or FLEXKV_CUDA_COPY_METHOD; docs/gpu-data-plane.md has every figure):
 - "staged" (default): a Triton gather of a chunk of blocks (all layers; one layer group for a
@@ -58,6 +70,9 @@ METHODS = ("staged", "batch", "zerocopy", "torch")
 # Fastest first, as measured on the lent H200 (docs/gpu-data-plane.md); the first available one wins.
 PREFERRED_METHODS = ("staged", "batch", "zerocopy", "torch")
 METHOD_ENV = "FLEXKV_CUDA_COPY_METHOD"
+ISSUE_MODES = ("caller", "thread", "caller-loads")
+DEFAULT_ISSUE = "caller"
+ISSUE_ENV = "FLEXKV_CUDA_ISSUE"
 NO_BATCH_ENV = "FLEXKV_CUDA_NO_BATCH_MEMCPY"  # test the per-copy fallback (drivers before CUDA 12.8)
 DEFAULT_STAGING_BYTES = 64 << 20  # per buffer; two per direction
 DEFAULT_MAX_BATCH = 2048  # copies per cuMemcpyBatchAsync call
@@ -66,6 +81,9 @@ DEFAULT_MAX_BATCH = 2048  # copies per cuMemcpyBatchAsync call
 # layers whose rows are smaller (MLA: 18 KiB per 16-token block) are loaded in groups; every layer of
 # a group becomes ready together.
 LAYER_GROUP_MIN_BYTES = 64 << 10
+# runs of at least this many consecutive slots are copied as one 2D copy (staged method)
+MIN_2D_RUN = 8
+_CU_MEMORYTYPE_UNIFIED = 4
 _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 0x1
 _CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 0x1
 
@@ -200,6 +218,20 @@ def memmove_entries(dst: np.ndarray, src: np.ndarray, size: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # cuMemcpyBatchAsync
+
+
+class _Memcpy2D(ctypes.Structure):
+    """CUDA_MEMCPY2D."""
+
+    _fields_ = [
+        ("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+        ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+        ("srcPitch", ctypes.c_size_t),
+        ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
+        ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
+        ("dstPitch", ctypes.c_size_t),
+        ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t),
+    ]
 
 
 class _MemLocation(ctypes.Structure):
@@ -347,9 +379,13 @@ class CudaBlockCopier(BlockCopier):
         max_batch: int = DEFAULT_MAX_BATCH,
         load_priority: int = -100,
         pin: bool = True,
+        issue: str | None = None,
     ):
         if layout.device.type != "cuda":
             raise ValueError(f"CudaBlockCopier needs a KV cache on a CUDA device, got {layout.device}")
+        issue = issue or os.environ.get(ISSUE_ENV) or DEFAULT_ISSUE
+        if issue not in ISSUE_MODES:
+            raise ValueError(f"{ISSUE_ENV}={issue!r}: choose one of {ISSUE_MODES}")
         super().__init__(layout, pool, geometry, rank)
         self.device = layout.device
         self.device_index = layout.device.index if layout.device.index is not None else torch.cuda.current_device()
@@ -380,18 +416,21 @@ class CudaBlockCopier(BlockCopier):
         self._ring_depth = {True: max(2, int(staging_buffers)), False: max(2, int(load_staging_buffers))}
         self.layer_groups = group_layers(self.layer_segments, self.table.seg_row_off, LAYER_GROUP_MIN_BYTES)
         self._max_batch = max(1, int(max_batch))
-        self._issuers = {
-            True: _Issuer(f"flexkv-save-issue-{rank}", self.device_index),
-            False: _Issuer(f"flexkv-load-issue-{rank}", self.device_index),
-        }
+        self.issue = issue
+        # direction (True: saves) -> its issuing thread; a direction without one is issued by the caller
+        threaded = {"caller": (), "thread": (True, False), "caller-loads": (True,)}[issue]
+        self._issuers = {to_pool: _Issuer(f"flexkv-{'save' if to_pool else 'load'}-issue-{rank}", self.device_index)
+                         for to_pool in threaded}
         self._rings: dict[bool, _Ring] = {}
         # staging row ids 0..k-1 for the gather kernel, as many as the smallest per-layer row allows
         min_row = min(int(self.table.seg_row_off[hi] - self.table.seg_row_off[lo]) for lo, hi in self.layer_segments)
         self._arange = torch.arange(self._staging_bytes // min_row + 1, device=self.device)
+        if self._kernel_ok and self.method in ("staged", "zerocopy"):
+            self._warm_up_kernels()
         logger.info(
-            "cuda copier rank %d: %d layers, %d segments, %d bytes per block, method %s (pinned: %s, "
+            "cuda copier rank %d: %d layers, %d segments, %d bytes per block, method %s, issue %s (pinned: %s, "
             "batch memcpy: %s, triton: %s)",
-            rank, self.num_layers, self.num_segments, self.block_bytes, self.method,
+            rank, self.num_layers, self.num_segments, self.block_bytes, self.method, issue,
             self.pinned is not None, self._batch is not None, self._kernel_ok,
         )
 
@@ -496,7 +535,11 @@ class CudaBlockCopier(BlockCopier):
                 logger.exception("issuing a %s of %d blocks failed", "save" if to_pool else "load", blocks.size)
                 handle._set_failed(exc)
 
-        self._issuers[to_pool].submit(issue)
+        issuer = self._issuers.get(to_pool)
+        if issuer is None:
+            issue()
+        else:
+            issuer.submit(issue)
 
     # ---- execution ---------------------------------------------------------------------------
     def _enqueue(self, to_pool, blocks, slots, groups, layer_done, after):
@@ -561,12 +604,15 @@ class CudaBlockCopier(BlockCopier):
             j = i + self._max_batch
             self._batch(dst[i:j], src[i:j], size[i:j], stream.cuda_stream, self.device_index)
 
-    def _kernel(self, to_rows, cache_rows, row_ids, lo, hi, row_base, row_bytes, row_bias_bytes, programs):
+    def _kernel(self, to_rows, cache_rows, row_ids, lo, hi, row_base, row_bytes, row_bias_bytes, programs,
+                pair_begin=0, n_pairs=None):
         self._tk.kv_block_copy(
             cache_base=self._cache_base,
             row_base=row_base,
             cache_rows=cache_rows,
             row_ids=row_ids,
+            pair_begin=pair_begin,
+            n_pairs=n_pairs,
             seg_cache_off=self._k_seg_cache_off,
             seg_cache_stride=self._k_seg_cache_stride,
             seg_row_off=self._k_seg_row_off,
@@ -627,32 +673,76 @@ class CudaBlockCopier(BlockCopier):
                 i = ring.next()
                 buf = ring.bufs[i]
                 rows = buf[: (p1 - p0) * row_bytes].view(p1 - p0, row_bytes)
-                entries = t.row_entries(to_pool, buf.data_ptr(), slots[p0:p1], lo, hi)
                 if to_pool:
                     dev.wait_event(ring.free[i])
                     with torch.cuda.stream(dev):
-                        self._stage(True, rows_all[p0:p1], lo, hi, rows, row_bytes)
+                        self._stage(True, rows_all, p0, p1, lo, hi, rows, row_bytes)
                     ring.ready[i].record(dev)
                     copy.wait_event(ring.ready[i])
-                    self._batch_entries(copy, *entries)
+                    self._copy_rows(copy, True, buf.data_ptr(), slots[p0:p1], lo, hi)
                     ring.free[i].record(copy)
                 else:
                     copy.wait_event(ring.free[i])
-                    self._batch_entries(copy, *entries)
+                    self._copy_rows(copy, False, buf.data_ptr(), slots[p0:p1], lo, hi)
                     ring.ready[i].record(copy)
                     dev.wait_event(ring.ready[i])
                     with torch.cuda.stream(dev):
-                        self._stage(False, rows_all[p0:p1], lo, hi, rows, row_bytes)
+                        self._stage(False, rows_all, p0, p1, lo, hi, rows, row_bytes)
                     ring.free[i].record(dev)
             layer_done(g, dev)
         done = torch.cuda.Event()
         done.record(copy if to_pool else dev)
         return done, keep
 
-    def _stage(self, to_rows, rows_t, lo, hi, buf_rows, row_bytes):
+    def _stage(self, to_rows, rows_all, p0, p1, lo, hi, buf_rows, row_bytes):
+        """Gather (to_rows) or scatter pairs [p0, p1) of `rows_all` between the cache and `buf_rows`."""
         if self._kernel_ok:
-            ids = self._arange[: rows_t.numel()]
-            self._kernel(to_rows, rows_t, ids, lo, hi, buf_rows.data_ptr(), row_bytes,
-                         int(self.table.seg_row_off[lo]), self._gather_programs)
+            self._kernel(to_rows, rows_all, self._arange, lo, hi, buf_rows.data_ptr(), row_bytes,
+                         int(self.table.seg_row_off[lo]), self._gather_programs, pair_begin=p0, n_pairs=p1 - p0)
         else:
-            self._gather_torch(to_rows, rows_t, lo, hi, buf_rows)
+            self._gather_torch(to_rows, rows_all[p0:p1], lo, hi, buf_rows)
+
+    def _warm_up_kernels(self) -> None:
+        """Compile the gather and the scatter now, not inside the first request's transfer: block 0 is
+        gathered into a row and scattered back unchanged (before vLLM has run any forward)."""
+        row_bytes = int(self.table.seg_row_off[-1])
+        row = torch.empty(row_bytes, dtype=torch.uint8, device=self.device).view(1, row_bytes)
+        with torch.cuda.stream(self._save_dev):
+            for to_rows in (True, False):
+                self._stage(to_rows, self._arange, 0, 1, 0, self.num_segments, row, row_bytes)
+        self._save_dev.synchronize()
+
+    def _copy_rows(self, stream, to_pool, rows_base, slots, lo, hi) -> None:
+        """Staging rows <-> pool slots `slots` (sorted). Where a row is only part of a slot (one layer
+        of a layer-wise load, a TP rank's shard), a run of consecutive slots is one 2D copy: the driver
+        takes ~0.75 us per batched copy, so the 65k rows of a 32k-token layer-wise load would block
+        the caller for ~50 ms."""
+        t = self.table
+        dst, src, size = t.row_entries(to_pool, rows_base, slots, lo, hi)
+        row_bytes = int(t.seg_row_off[hi] - t.seg_row_off[lo])
+        if row_bytes == t.slot_bytes or slots.size < MIN_2D_RUN:  # whole slots: coalescing merges runs
+            self._batch_entries(stream, dst, src, size)
+            return
+        breaks = slots[1:] != slots[:-1] + 1
+        if self.pinned is not None and len(self.pinned.chunks) > 1:  # one copy never spans two registrations
+            pool_side = src if not to_pool else dst
+            chunk = (pool_side - self.pinned.ptr) // self.pinned.chunk_bytes
+            breaks |= chunk[1:] != chunk[:-1]
+        starts = np.flatnonzero(np.concatenate(([True], breaks)))
+        lengths = np.diff(np.append(starts, slots.size))
+        long_runs = lengths >= MIN_2D_RUN
+        pool_pitch, rows_pitch = (t.slot_bytes, row_bytes)
+        dst_pitch, src_pitch = (pool_pitch, rows_pitch) if to_pool else (rows_pitch, pool_pitch)
+        for first, count in zip(starts[long_runs].tolist(), lengths[long_runs].tolist()):
+            self._copy_2d(stream, int(dst[first]), dst_pitch, int(src[first]), src_pitch, row_bytes, count)
+        if not long_runs.all():
+            short = np.repeat(~long_runs, lengths)
+            self._batch_entries(stream, dst[short], src[short], size[short])
+
+    def _copy_2d(self, stream, dst, dst_pitch, src, src_pitch, width, height) -> None:
+        drv = CudaDriver.get()
+        drv.ensure_context(self.device_index)
+        copy = _Memcpy2D(srcMemoryType=_CU_MEMORYTYPE_UNIFIED, srcDevice=src, srcPitch=src_pitch,
+                         dstMemoryType=_CU_MEMORYTYPE_UNIFIED, dstDevice=dst, dstPitch=dst_pitch,
+                         WidthInBytes=width, Height=height)
+        drv.check(drv.lib.cuMemcpy2DAsync_v2(ctypes.byref(copy), stream.cuda_stream), f"cuMemcpy2DAsync({height} rows)")

@@ -10,7 +10,7 @@ each layer just before that layer's attention reads the KV cache:
     load.wait_all()           # e.g. before reporting the request's load as finished
     load.synchronize()        # host-side: block until every byte landed
 
-On CUDA (`CudaBlockCopier`) the copies are issued, layer by layer, by the copier's enqueue thread onto
+On CUDA (`CudaBlockCopier`) the copies are issued, layer by layer, by the caller (or the copier's issuing thread) onto
 its side streams, each layer followed by its own CUDA event; the call itself returns at once.
 `wait_layer(i)` waits (on the host) only until layer i has been *issued*, then makes the caller's
 current stream wait for layer i's event: every kernel enqueued afterwards on that stream (the layer's
@@ -77,11 +77,10 @@ class LayerwiseLoad(TransferHandle):
 
 
 class CudaTransferHandle(TransferHandle):
-    """Work that the copier's enqueue thread issues on side streams, completed by a CUDA event.
+    """Work that the copier issues on side streams, completed by a CUDA event.
 
-    The copies are issued by a background thread (the driver's queue blocks a thread that issues
-    gigabytes of copies at once), so the handle first waits, on the host, for the issuing to reach it.
-    If issuing failed, `error` holds the exception: `done()` turns True, `synchronize()` raises it, and
+    With a copier that issues from a background thread, the handle first waits, on the host, for
+    the issuing to reach it (by the caller, it is issued when the handle is returned). If issuing failed, `error` holds the exception: `done()` turns True, `synchronize()` raises it, and
     the stream-side waits return without ordering anything (the bytes must not be used).
     """
 
@@ -93,7 +92,7 @@ class CudaTransferHandle(TransferHandle):
         self._keepalive: Any = None
         self.error: BaseException | None = None
 
-    # called by the copier's enqueue thread
+    # called by the copier when it issued the work (from its issuing thread, if it has one)
     def _set_issued(self, event: torch.cuda.Event, keepalive: Any = None) -> None:
         self._event, self._keepalive = event, keepalive
         self._issued.set()
@@ -136,7 +135,7 @@ class CudaLayerwiseLoad(CudaTransferHandle, LayerwiseLoad):
         self._layer_events = [make_event() for _ in range(num_layers)]
         self._layer_issued = [threading.Event() for _ in range(num_layers)]
 
-    # called by the copier's enqueue thread, in layer order
+    # called by the copier when it issued the work (from its issuing thread, if it has one), in layer order
     def _layer_event(self, layer_index: int) -> torch.cuda.Event:
         return self._layer_events[layer_index]
 

@@ -35,7 +35,11 @@ class TypedPtr:
         return self
 
 
-@triton.jit
+# Triton compiles one variant per value class of every integer argument (1, a multiple of 16, other)
+# and per pointer alignment: unit sizes and layer offsets vary from call to call, and each new variant
+# is a compile of ~0.7 s inside a request's load. So no integer is specialized, the index pointers are
+# always their tensors' (aligned) bases, and only the constexprs select a variant.
+@triton.jit(do_not_specialize=["row_words", "row_bias", "pair_begin", "n_pairs", "seg_begin", "n_segs"])
 def _kv_block_copy(
     cache_base,
     row_base,
@@ -46,6 +50,7 @@ def _kv_block_copy(
     seg_row_off,
     row_words,
     row_bias,
+    pair_begin,
     n_pairs,
     seg_begin,
     n_segs,
@@ -60,7 +65,7 @@ def _kv_block_copy(
     for w in range(pid, total, nprog):
         pair = w // n_segs
         s = seg_begin + (w - pair * n_segs)
-        crow = tl.load(cache_rows + pair)
+        crow = tl.load(cache_rows + pair_begin + pair)
         rrow = tl.load(row_ids + pair)
         c0 = tl.load(seg_cache_off + s) + crow * tl.load(seg_cache_stride + s)
         r0 = rrow * row_words + tl.load(seg_row_off + s) - row_bias
@@ -97,11 +102,15 @@ def kv_block_copy(
     seg_words: int,
     to_rows: bool,
     max_programs: int,
+    pair_begin: int = 0,
+    n_pairs: int | None = None,
     chunk: int = 4096,
     num_warps: int = 8,
 ) -> None:
-    """Launch on the current stream. Index tensors are int64 on the device; offsets are in words."""
-    n_pairs = cache_rows.numel()
+    """Launch on the current stream: pairs `[pair_begin, pair_begin + n_pairs)` of `cache_rows` (all of
+    them by default) with `row_ids[:n_pairs]`. Index tensors are int64 on the device; offsets are in words."""
+    if n_pairs is None:
+        n_pairs = cache_rows.numel() - pair_begin
     total = n_pairs * n_segs
     if total == 0:
         return
@@ -117,6 +126,7 @@ def kv_block_copy(
         seg_row_off,
         row_words,
         row_bias,
+        pair_begin,
         n_pairs,
         seg_begin,
         n_segs,

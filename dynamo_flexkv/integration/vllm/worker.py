@@ -10,7 +10,8 @@ schedule no tokens, where vLLM 0.26 never calls `wait_for_save`:
 - *async loads* (hits not loaded in-step, or staged from SSD): the request waits outside the batch
   until `get_finished` reports them.
 - *saves* (full blocks computed by earlier steps, of running or finished requests; no forward
-  writes them any more): ordered after the work already queued. Each is reported by its save id in
+  writes them any more): ordered after the work already queued, all of a step's saves as one
+  transfer (one gather and one copy for every request, not one each). Each is reported by its save id in
   the `FlexKVWorkerReport`; a finished request's GPU blocks are held by vLLM (`hold`) until none of
   its saves is in flight, then `get_finished` reports the request as sent. A save that is never
   started would hold its GPU blocks forever, and a full cache would then never schedule again.
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,9 +57,10 @@ logger = logging.getLogger(__name__)
 class _InFlight:
     job: BlockTransfer
     kind: str  # "load" or "save"
-    handle: TransferHandle | None  # None: it failed to start
+    handle: TransferHandle | None  # None: it failed to start; a step's saves share one
     started: float  # time.perf_counter() when it was started
     landed: float | None  # when it was seen landed (None: not yet)
+    nbytes: int  # this job's bytes
 
 
 def _finished_ok(handle: TransferHandle | None) -> bool:
@@ -136,17 +138,21 @@ class WorkerSide:
 
     def _start(self, job: BlockTransfer, kind: str, start) -> _InFlight:
         started = time.perf_counter()
+        nbytes = self._job_bytes(job)
         try:
             handle = start()
         except Exception:  # e.g. a bad block id: fail this transfer, keep serving
             logger.exception("%s of request %s could not start", kind, job.request_id)
-            return _InFlight(job, kind, None, started, None)
+            return _InFlight(job, kind, None, started, None, nbytes)
         # a copy that completed inside start (CPU) is timed now, not when the step ends
-        return _InFlight(job, kind, handle, started, time.perf_counter() if handle.done() else None)
+        return _InFlight(job, kind, handle, started, time.perf_counter() if handle.done() else None, nbytes)
+
+    def _job_bytes(self, job: BlockTransfer) -> int:
+        return sum(len(ids) * copier.block_bytes for copier, ids in zip(self.copiers, job.block_ids))
 
     def _record(self, t: _InFlight) -> None:
         """Bytes, duration and size of a transfer that landed."""
-        nbytes = t.handle.nbytes
+        nbytes = t.nbytes
         self.stats.add("loaded_bytes" if t.kind == "load" else "saved_bytes", nbytes)
         self.stats.add(f"{t.kind}_seconds", (t.landed or time.perf_counter()) - t.started)
         self.stats.observe(f"{t.kind}_size_bytes", nbytes)
@@ -157,15 +163,24 @@ class WorkerSide:
         """Save what preempted requests computed, and let every save of theirs land, before this
         step reuses their blocks."""
         self._preemptions_handled = metadata
-        for job in metadata.preemption_saves:
-            self._start_save(job)
+        self._start_saves(metadata.preemption_saves)
         preempted = set(metadata.preempted)
         for t in self._in_flight:
             if t.kind == "save" and t.job.request_id in preempted and t.handle is not None:
                 t.handle.wait()
 
-    def _start_save(self, job: BlockTransfer) -> None:
-        self._in_flight.append(self._start(job, "save", lambda: self._start_groups(job, save=True)))
+    def _start_saves(self, jobs: list[BlockTransfer]) -> None:
+        """One transfer for all of `jobs`; each stays in flight, and is reported, under its own save id."""
+        if not jobs:
+            return
+        if len(jobs) == 1:
+            self._in_flight.append(self._start(jobs[0], "save", lambda: self._start_groups(jobs[0], save=True)))
+            return
+        merged = BlockTransfer(f"{len(jobs)} requests", *(tuple(tuple(x for job in jobs for x in getattr(job, side)[g])
+                                           for g in range(len(self.copiers))) for side in ("block_ids", "slots")))
+        step = self._start(merged, "save", lambda: self._start_groups(merged, save=True))
+        for job in jobs:
+            self._in_flight.append(replace(step, job=job, nbytes=self._job_bytes(job)))
 
     def start_step(self, metadata: FlexKVStepMetadata) -> None:
         """Start every transfer of this step: layer-wise loads first (this forward waits for them),
@@ -182,8 +197,7 @@ class WorkerSide:
             if job.unavailable:
                 self._load_failed(job, job.unavailable)
             self._in_flight.append(self._start(job, "load", lambda job=job: self._start_groups(job, save=False)))
-        for job in metadata.saves:
-            self._start_save(job)
+        self._start_saves(metadata.saves)
         self._held.update(metadata.hold)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
