@@ -73,6 +73,7 @@ EvictionPolicy = Literal["lru", "lfu", "fifo", "mru", "slru", "filo"]
 SsdIoEngine = Literal["auto", "threads", "uring"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 SavePolicy = Literal["all", "prompt", "finished"]
+CudaIssue = Literal["caller", "thread", "caller-loads"]
 EVICTION_POLICIES: tuple[str, ...] = typing.get_args(EvictionPolicy)
 LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
 
@@ -183,6 +184,15 @@ class FlexKVSettings(BaseModel):
         description="CPU build of vLLM only: copy blocks between vLLM's cache and the CPU tier on a "
         "background thread, completing after the step that started them as on a GPU (saves overlap "
         "the next forward pass). Off: each copy completes before the step goes on.",
+    )
+    cuda_issue: CudaIssue = Field(
+        "caller",
+        description="CUDA only: which thread issues the copies between vLLM's cache and the CPU tier. "
+        "`caller`: vLLM's engine thread, within the step (a 4 GiB load takes ~7 ms to issue; the "
+        "copies run on their own streams). `thread`: a background thread per direction, so the step "
+        "goes on at once; it must win the GIL back for every driver call, which behind vLLM's busy "
+        "engine thread made a 4 GiB load take seconds instead of 79 ms (docs/gpu.md). "
+        "`caller-loads`: loads by the engine thread, saves by a background thread.",
     )
     save_policy: SavePolicy = Field(
         "all",

@@ -101,7 +101,7 @@ def make_copier(
     """The copier for this rank's caches: `CudaBlockCopier` on a CUDA device, else `BlockCopier`
     (`ThreadedBlockCopier` with `cpu_async`).
 
-    `cuda_options` (method, staging_bytes, max_programs, pin) only apply on CUDA. On CUDA the pool is
+    `cuda_options` (method, issue, staging_bytes, max_programs, pin) only apply on CUDA. On CUDA the pool is
     pinned here if nobody pinned it yet (`storage.pinning.pin_host_memory`, idempotent).
     """
     if layout.device.type == "cuda":

@@ -11,7 +11,7 @@ no Python loop over blocks or layers) and executes them as a few large operation
 ordered after the caller's current (compute) stream by an event recorded at call time. The compute
 stream never waits for a save.
 
-Who issues the operations (`issue=` or FLEXKV_CUDA_ISSUE, one of ISSUE_MODES):
+Who issues the operations (`issue=`, the setting `cuda_issue`; one of ISSUE_MODES):
 - "caller" (default): the calling thread, before the call returns (a 4 GiB load: ~7 ms).
 - "thread": one background thread per direction (`_Issuer`), so the call returns at once. Every torch
   and driver call of the issue loop releases the GIL, and the thread must win it back each time;
@@ -70,9 +70,7 @@ METHODS = ("staged", "batch", "zerocopy", "torch")
 # Fastest first, as measured on the lent H200 (docs/gpu-data-plane.md); the first available one wins.
 PREFERRED_METHODS = ("staged", "batch", "zerocopy", "torch")
 METHOD_ENV = "FLEXKV_CUDA_COPY_METHOD"
-ISSUE_MODES = ("caller", "thread", "caller-loads")
-DEFAULT_ISSUE = "caller"
-ISSUE_ENV = "FLEXKV_CUDA_ISSUE"
+ISSUE_MODES = ("caller", "thread", "caller-loads")  # the setting cuda_issue (config.CudaIssue)
 NO_BATCH_ENV = "FLEXKV_CUDA_NO_BATCH_MEMCPY"  # test the per-copy fallback (drivers before CUDA 12.8)
 DEFAULT_STAGING_BYTES = 64 << 20  # per buffer; two per direction
 DEFAULT_MAX_BATCH = 2048  # copies per cuMemcpyBatchAsync call
@@ -379,13 +377,12 @@ class CudaBlockCopier(BlockCopier):
         max_batch: int = DEFAULT_MAX_BATCH,
         load_priority: int = -100,
         pin: bool = True,
-        issue: str | None = None,
+        issue: str = "caller",
     ):
         if layout.device.type != "cuda":
             raise ValueError(f"CudaBlockCopier needs a KV cache on a CUDA device, got {layout.device}")
-        issue = issue or os.environ.get(ISSUE_ENV) or DEFAULT_ISSUE
         if issue not in ISSUE_MODES:
-            raise ValueError(f"{ISSUE_ENV}={issue!r}: choose one of {ISSUE_MODES}")
+            raise ValueError(f"issue={issue!r}: choose one of {ISSUE_MODES}")
         super().__init__(layout, pool, geometry, rank)
         self.device = layout.device
         self.device_index = layout.device.index if layout.device.index is not None else torch.cuda.current_device()

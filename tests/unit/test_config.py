@@ -102,10 +102,21 @@ def test_settings_are_frozen_and_hashable():
         ("FLEXKV_REMOTE_STORE", "redis://cache:6379/2", "remote_store", "redis://cache:6379/2"),
         ("FLEXKV_REMOTE_STORE", "mooncake://master:50051", "remote_store",
          "mooncake://master:50051"),
+        ("FLEXKV_CUDA_ISSUE", "thread", "cuda_issue", "thread"),
     ],
 )
 def test_env_var_sets_field(var, raw, field, expected):
     assert getattr(load({var: raw}), field) == expected
+
+
+def test_cuda_issue_values_are_the_copiers():
+    from typing import get_args
+
+    from dynamo_flexkv.transfer.cuda_copier import ISSUE_MODES
+
+    assert get_args(config.CudaIssue) == ISSUE_MODES
+    with pytest.raises(ValueError, match="FLEXKV_CUDA_ISSUE.*caller"):
+        load({"FLEXKV_CUDA_ISSUE": "later"})
 
 
 @pytest.mark.parametrize(("raw", "expected"), [

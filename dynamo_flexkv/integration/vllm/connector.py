@@ -113,7 +113,7 @@ class FlexKVConnector(FlexKVConnectorV1, SupportsHMA):
             from dynamo_flexkv.integration.vllm.worker import WorkerSide
 
             self._worker = WorkerSide(facts, get_tensor_model_parallel_rank(), kv_cache_config.num_blocks,
-                                      cpu_async_copies=settings.cpu_async_copies)
+                                      cpu_async_copies=settings.cpu_async_copies, cuda_issue=settings.cuda_issue)
 
     @property
     def requires_kv_delivery(self) -> bool:

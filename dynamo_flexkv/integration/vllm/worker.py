@@ -76,11 +76,13 @@ def _finished_ok(handle: TransferHandle | None) -> bool:
 
 
 class WorkerSide:
-    def __init__(self, facts: InstanceFacts, rank: int, num_blocks: int, cpu_async_copies: bool = False):
+    def __init__(self, facts: InstanceFacts, rank: int, num_blocks: int, cpu_async_copies: bool = False,
+                 cuda_issue: str = "caller"):
         self.facts = facts
         self.rank = rank
         self.num_blocks = num_blocks
         self.cpu_async_copies = cpu_async_copies
+        self.cuda_issue = cuda_issue
         self.pool: CpuBlockPool | None = None
         self.copiers: list[BlockCopier] = []  # one per KV-cache group
         self._layer_index: dict[str, int] = {}
@@ -100,7 +102,7 @@ class WorkerSide:
         layouts = self._group_layouts(kv_caches)
         self.pool = CpuBlockPool(self.facts.identity, self.facts.geometry)
         self.copiers = [make_copier(layout, self.pool.tensor, self.facts.geometry, self.rank,
-                                    cpu_async=self.cpu_async_copies) for layout in layouts]
+                                    cpu_async=self.cpu_async_copies, issue=self.cuda_issue) for layout in layouts]
         self._layer_index = {name: i for i, name in enumerate(layouts[0].layer_names)}
         logger.info(
             "worker ready: rank=%d groups=%d layers=%d block_bytes=%d copier=%s device=%s",
