@@ -251,6 +251,15 @@ def make(layout, pool, geometry, rank, spec: str):
     return copier
 
 
+def make_or_skip(section: str, layout, pool, geometry, spec: str):
+    """The copier of `spec` for a benchmark section, or None (logged) where it is unavailable here."""
+    try:
+        return make(layout, pool, geometry, 0, spec)
+    except Exception as exc:
+        log(f"{section} {spec}: unavailable ({exc})")
+        return None
+
+
 def close(copier) -> None:
     if hasattr(copier, "close"):
         copier.close()
@@ -394,10 +403,8 @@ def bench_model(model: Model, device, host: HostBuffer | None, specs, args, peak
     for spec in specs:
         if spec == "legacy" and (device.type != "cuda" or nbytes > (4 << 30)):
             continue
-        try:
-            copier = make(layout, pool, geometry, 0, spec)
-        except Exception as exc:
-            log(f"{model.name} {spec}: unavailable ({exc})")
+        copier = make_or_skip(model.name, layout, pool, geometry, spec)
+        if copier is None:
             continue
         reps = 1 if spec == "legacy" else args.reps
         try:
@@ -501,10 +508,8 @@ def bench_interference(device, host, specs, args) -> list[dict]:
     ss, ls = sp[:n].tolist(), sp[n:].tolist()
     rows = []
     for spec in specs:
-        try:
-            copier = make(layout, pool, geometry, 0, spec)
-        except Exception as exc:
-            log(f"interference {spec}: unavailable ({exc})")
+        copier = make_or_skip("interference", layout, pool, geometry, spec)
+        if copier is None:
             continue
         copier.save(lb, ls)  # fill the slots the loads read
         side = torch.cuda.Stream(device)
@@ -586,10 +591,8 @@ def bench_overlap(device, host, specs, args) -> list[dict]:
         f"{layers} layers x {gemm.flops / 1e12:.2f} TFLOP ({args.new_tokens} new tokens): compute {t_compute * 1e3:.1f} ms")
     rows = []
     for spec in specs:
-        try:
-            copier = make(layout, pool, geometry, 0, spec)
-        except Exception as exc:
-            log(f"overlap {spec}: unavailable ({exc})")
+        copier = make_or_skip("overlap", layout, pool, geometry, spec)
+        if copier is None:
             continue
         copier.save(blocks, slots)
         t_load = median_time(lambda: start_load(copier, slots, blocks).synchronize(), device, args.reps)
@@ -645,10 +648,8 @@ def bench_busy_host(device, host, specs, args, peak) -> list[dict]:
     state: dict = {}
     rows = []
     for spec in specs:
-        try:
-            copier = make(layout, pool, geometry, 0, spec)
-        except Exception as exc:
-            log(f"busy host {spec}: unavailable ({exc})")
+        copier = make_or_skip("busy host", layout, pool, geometry, spec)
+        if copier is None:
             continue
         for tokens in (4096, 32768):
             n = tokens // model.block_size

@@ -582,15 +582,17 @@ class CudaBlockCopier(BlockCopier):
             both = pinned.to(self.device, non_blocking=True)
         return both[0], both[1], pinned
 
+    def _pinned_chunks(self, dst, src):
+        """Per copy, the pinned registration its pool side lies in (one copy never spans two);
+        None when the pool is one registration."""
+        if self.pinned is None or len(self.pinned.chunks) <= 1:
+            return None
+        # the pool side is whichever address lies inside the pinned region
+        pool_side = np.where((dst >= self.pinned.ptr) & (dst < self.pinned.ptr + self.pinned.nbytes), dst, src)
+        return (pool_side - self.pinned.ptr) // self.pinned.chunk_bytes
+
     def _batch_entries(self, stream, dst, src, size):
-        barrier = None
-        if self.pinned is not None and len(self.pinned.chunks) > 1:
-            # the pool side is whichever address lies inside the pinned region
-            pool_side = np.where(
-                (dst >= self.pinned.ptr) & (dst < self.pinned.ptr + self.pinned.nbytes), dst, src
-            )
-            barrier = (pool_side - self.pinned.ptr) // self.pinned.chunk_bytes
-        dst, src, size = coalesce(dst, src, size, barrier)
+        dst, src, size = coalesce(dst, src, size, self._pinned_chunks(dst, src))
         if self._batch is None:
             drv = CudaDriver.get()
             drv.ensure_context(self.device_index)
@@ -721,15 +723,13 @@ class CudaBlockCopier(BlockCopier):
             self._batch_entries(stream, dst, src, size)
             return
         breaks = slots[1:] != slots[:-1] + 1
-        if self.pinned is not None and len(self.pinned.chunks) > 1:  # one copy never spans two registrations
-            pool_side = src if not to_pool else dst
-            chunk = (pool_side - self.pinned.ptr) // self.pinned.chunk_bytes
+        chunk = self._pinned_chunks(dst, src)
+        if chunk is not None:
             breaks |= chunk[1:] != chunk[:-1]
         starts = np.flatnonzero(np.concatenate(([True], breaks)))
         lengths = np.diff(np.append(starts, slots.size))
         long_runs = lengths >= MIN_2D_RUN
-        pool_pitch, rows_pitch = (t.slot_bytes, row_bytes)
-        dst_pitch, src_pitch = (pool_pitch, rows_pitch) if to_pool else (rows_pitch, pool_pitch)
+        dst_pitch, src_pitch = (t.slot_bytes, row_bytes) if to_pool else (row_bytes, t.slot_bytes)
         for first, count in zip(starts[long_runs].tolist(), lengths[long_runs].tolist()):
             self._copy_2d(stream, int(dst[first]), dst_pitch, int(src[first]), src_pitch, row_bytes, count)
         if not long_runs.all():
