@@ -3,7 +3,7 @@
 
 The demo's workload (`dynamo_flexkv.demo.workload`: users' chat turns replayed turn by turn, a
 fresh seed per repetition) and the demo's model (`tiny_model.DEMO`, built offline if missing), sent
-one request at a time to one engine in a child process (`dynamo_flexkv.harness.EngineHost`), with
+one request at a time to one engine in a child process (`dynamo_flexkv.devtools.harness.EngineHost`), with
 vLLM's own cache sized to about one conversation so it churns between a user's turns:
 
 - recompute: vLLM alone; whatever its own cache lost is computed again.
@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dynamo_flexkv import tiny_model  # noqa: E402
+from dynamo_flexkv.devtools import tiny_model  # noqa: E402
 from dynamo_flexkv.demo.report import machine  # noqa: E402
 from dynamo_flexkv.demo.workload import BLOCK, Spread, WorkloadShape, chat_workload, percentile  # noqa: E402
-from dynamo_flexkv.harness import EngineHost  # noqa: E402
-from dynamo_flexkv.integration.dynamo.processes import DEMO_MODEL  # noqa: E402
+from dynamo_flexkv.devtools.harness import EngineHost  # noqa: E402
+from dynamo_flexkv.devtools.processes import DEMO_MODEL  # noqa: E402
 
 MODES = ("recompute", "cpu", "ssd")
 FLEXKV = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both"}

@@ -17,7 +17,7 @@ The default model has Llama-3-8B's shape (32 layers, 32 heads, 8 KV heads, head 
 MLP 14336, bf16); `--model mla` has DeepSeek-V2-Lite's attention (27 layers, 16 heads, multi-head
 latent attention: a 512-wide latent plus 64 RoPE dims cached per token and layer, one "KV head") with
 dense MLPs in place of its experts. Both get random weights written on the device under a fixed seed,
-and the offline tokenizer's vocabulary. Every engine config runs in its own process (dynamo_flexkv.harness), one
+and the offline tokenizer's vocabulary. Every engine config runs in its own process (dynamo_flexkv.devtools.harness), one
 after the other, on the same prompts. A prompt's prefix is pushed out of vLLM's GPU cache either by
 cache pressure (a small `num_gpu_blocks_override`) or by `reset_prefix_cache`, which drops vLLM's own
 cache only; the connector keeps its tiers.
@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dynamo_flexkv.harness import EngineHost  # noqa: E402
+from dynamo_flexkv.devtools.harness import EngineHost  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128)
@@ -66,7 +66,7 @@ def write_random_model(out: Path, kind: str, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from dynamo_flexkv.tiny_model import build_tokenizer
+    from dynamo_flexkv.devtools.tiny_model import build_tokenizer
 
     if (out / "config.json").exists():
         return out
@@ -317,9 +317,9 @@ def pool(sizes_gib: list[int]) -> dict:
     """Time to create and pin (cudaHostRegister) the CPU pool, and a copy through its last slot."""
     import torch
 
-    from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
+    from dynamo_flexkv.storage.cpu.pool import CpuBlockPool
     from dynamo_flexkv.storage.layout import PoolGeometry
-    from dynamo_flexkv.storage.pinning import pin_host_memory
+    from dynamo_flexkv.transfer.cuda.pinning import pin_host_memory
 
     shm = os.statvfs("/dev/shm")
     results = {"dev_shm_gib": shm.f_bsize * shm.f_blocks / 2**30, "host_ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30}
@@ -372,7 +372,7 @@ def main() -> None:
     base = dict(enforce_eager=not args.cuda_graphs, enable_prefix_caching=True, dtype="bfloat16", seed=0,
                 tensor_parallel_size=args.tp, gpu_memory_utilization=0.85, max_num_seqs=64)
     if args.table == "smoke":
-        from dynamo_flexkv.tiny_model import build
+        from dynamo_flexkv.devtools.tiny_model import build
 
         model = build(Path(tempfile.gettempdir()) / "flexkv-tiny")
         base.update(block_size=16, num_gpu_blocks_override=100, max_model_len=1024)

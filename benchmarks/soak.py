@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the FUSE disk and the engine settings live with the tests
 
-from dynamo_flexkv.harness import EngineError, EngineHost  # noqa: E402
-from dynamo_flexkv.tiny_model import build  # noqa: E402
+from dynamo_flexkv.devtools.harness import EngineError, EngineHost  # noqa: E402
+from dynamo_flexkv.devtools.tiny_model import build  # noqa: E402
 from tests.faults.blockfs import mounted  # noqa: E402
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, random_prompt  # noqa: E402
 

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dynamo_flexkv.storage.ssd import SsdBlockStore  # noqa: E402
-from dynamo_flexkv.storage.ssd_io import uring_available  # noqa: E402
+from dynamo_flexkv.storage.ssd.store import SsdBlockStore  # noqa: E402
+from dynamo_flexkv.storage.ssd.engines import uring_available  # noqa: E402
 
 GB = 1e9
 # write: first write of every slot into a freshly preallocated file (fio: a fresh file);

@@ -144,7 +144,7 @@ class HostBuffer:
         self.region = None
         self.pin_seconds = 0.0
         if cuda:
-            from dynamo_flexkv.storage.pinning import pin_host_memory
+            from dynamo_flexkv.transfer.cuda.pinning import pin_host_memory
 
             self.region = pin_host_memory(self.tensor, row_bytes=nbytes, chunk_bytes=nbytes, strict=True)
             self.pin_seconds = self.region.seconds
@@ -315,7 +315,7 @@ def check_layout(case: str, model: Model, layout_kind: str, separate: bool, devi
     pool = torch.frombuffer(pool_mem, dtype=torch.uint8).view(geometry.num_slots, geometry.slot_bytes)
     region = None
     if device.type == "cuda":
-        from dynamo_flexkv.storage.pinning import pin_host_memory
+        from dynamo_flexkv.transfer.cuda.pinning import pin_host_memory
 
         region = pin_host_memory(pool, chunk_bytes=(3 * geometry.slot_bytes if small_chunks else 1 << 30), strict=True)
     rng = np.random.default_rng(hash(case) % 2**32)
@@ -701,8 +701,8 @@ def bench_busy_host(device, host, specs, args, peak) -> list[dict]:
 def bench_pinning(device, args) -> dict:
     """Registration time (single call vs 1 GiB chunks on 4 threads, each on fresh, untouched memory),
     and whether one copy may straddle two registrations."""
-    from dynamo_flexkv.storage.pinning import pin_host_memory
-    from dynamo_flexkv.transfer.cuda_copier import BatchMemcpy
+    from dynamo_flexkv.transfer.cuda.pinning import pin_host_memory
+    from dynamo_flexkv.transfer.cuda.copier import BatchMemcpy
 
     nbytes = args.pin_test_gib << 30
     out = {"bytes": nbytes}
@@ -735,7 +735,7 @@ def bench_pinning(device, args) -> dict:
 def bench_batch_sizes(device, host: HostBuffer, args) -> list[dict]:
     """cuMemcpyBatchAsync alone: 1 GiB as copies of one size between scattered pinned-host offsets and
     a contiguous device buffer, one way and both ways at once (each direction issued by its own thread)."""
-    from dynamo_flexkv.transfer.cuda_copier import BatchMemcpy
+    from dynamo_flexkv.transfer.cuda.copier import BatchMemcpy
 
     batch = BatchMemcpy.get()
     total = 1 << 30
@@ -800,8 +800,8 @@ def environment(device) -> dict:
             env["cuda-bindings"] = getattr(cuda.bindings, "__version__", "present")
         except Exception:
             env["cuda-bindings"] = "absent"
-        from dynamo_flexkv.storage.pinning import CudaDriver
-        from dynamo_flexkv.transfer.cuda_copier import BatchMemcpy
+        from dynamo_flexkv.transfer.cuda.pinning import CudaDriver
+        from dynamo_flexkv.transfer.cuda.copier import BatchMemcpy
 
         env["driver_cuda_version"] = CudaDriver.get().version
         env["cuMemcpyBatchAsync"] = BatchMemcpy.get() is not None

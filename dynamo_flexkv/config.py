@@ -459,7 +459,7 @@ class FlexKVSettings(BaseModel):
             problems.append(_Problem("ssd_cache_gb", "use 0 (off) or at least one 4 KiB page (0.0000039)",
                                      self.ssd_cache_gb))
         if self.ssd_io_engine == "uring":
-            from dynamo_flexkv.storage.ssd_io import uring_available
+            from dynamo_flexkv.storage.ssd.engines import uring_available
 
             available, why = uring_available()
             if not available:
@@ -492,7 +492,7 @@ class FlexKVSettings(BaseModel):
                 problems.append(_Problem("ssd_cache_dir", f"{path} is not writable", dirs))
         if problems:
             return problems
-        from dynamo_flexkv.storage.ssd_claim import reclaimable_bytes
+        from dynamo_flexkv.storage.ssd.seats import reclaimable_bytes
 
         # Free space: count each filesystem once even when several directories live on it. Our own
         # files from an earlier run (and those of identities nobody runs) are reused or reclaimed

@@ -143,7 +143,7 @@ install_this_package() {
 build_tiny_model() {
   if [ -f "$MODEL_DIR/model.safetensors" ] && [ -f "$MODEL_DIR/tokenizer.json" ]; then return 0; fi
   step "building the tiny model offline into $MODEL_DIR"
-  "$PY" -m dynamo_flexkv.tiny_model "$MODEL_DIR"
+  "$PY" -m dynamo_flexkv.devtools.tiny_model "$MODEL_DIR"
 }
 
 step "start (repo: $ROOT)"

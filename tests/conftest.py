@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_model() -> str:
     model_dir = Path(os.environ.get("DYNAMO_FLEXKV_MODEL_DIR", REPO / ".cache" / "tiny-llama"))
     if not (model_dir / "model.safetensors").exists():
-        from dynamo_flexkv.tiny_model import build
+        from dynamo_flexkv.devtools.tiny_model import build
 
         build(model_dir)
     return str(model_dir)
@@ -26,7 +26,7 @@ def tiny_model() -> str:
 def sliding_model(tmp_path_factory) -> str:
     """A Gemma-2-style model: sliding-window and full-attention layers, two KV-cache groups in vLLM
     (built in seconds)."""
-    from dynamo_flexkv.tiny_model import SLIDING, build
+    from dynamo_flexkv.devtools.tiny_model import SLIDING, build
 
     return str(build(tmp_path_factory.mktemp("sliding-window-model"), SLIDING))
 
@@ -34,14 +34,14 @@ def sliding_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def hybrid_ssm_model(tmp_path_factory) -> str:
     """A Jamba-style model: a Mamba and an attention layer (a MambaSpec and a FullAttentionSpec group)."""
-    from dynamo_flexkv.tiny_model import HYBRID_SSM, build
+    from dynamo_flexkv.devtools.tiny_model import HYBRID_SSM, build
 
     return str(build(tmp_path_factory.mktemp("hybrid-ssm-model"), HYBRID_SSM))
 
 
 @pytest.fixture(scope="session")
 def reference(tiny_model):
-    from dynamo_flexkv.harness import EngineHost
+    from dynamo_flexkv.devtools.harness import EngineHost
     from tests.helpers import ENGINE
 
     with EngineHost(tiny_model, ENGINE) as host:

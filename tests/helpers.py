@@ -7,7 +7,7 @@ import random
 import re
 from pathlib import Path
 
-from dynamo_flexkv.harness import EngineHost
+from dynamo_flexkv.devtools.harness import EngineHost
 
 
 def random_prompt(rng: random.Random, length: int, vocab: int = 1000) -> list[int]:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from dynamo_flexkv.integration.dynamo.processes import (
+from dynamo_flexkv.devtools.processes import (
     MOONCAKE_CLIENT,
     MOONCAKE_LOOPBACK_ENV,
     Deployment,

@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from dynamo_flexkv import tiny_model
+from dynamo_flexkv.devtools import tiny_model
 from dynamo_flexkv.demo.passes import PassConfig, run_pass
 from dynamo_flexkv.demo.workload import BLOCK, WorkloadShape
-from dynamo_flexkv.integration.dynamo import processes
+from dynamo_flexkv.devtools import processes
 
 PHASES = 7
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynamo_flexkv.demo.workload import BLOCK, Turn, WorkloadShape, chat_workload
-from dynamo_flexkv.integration.dynamo import client, processes
-from dynamo_flexkv.integration.dynamo.kv_stream import KvEventStream, check_stream, count_events, router_updates
+from dynamo_flexkv.devtools import client, processes
+from dynamo_flexkv.devtools.kv_stream import KvEventStream, check_stream, count_events, router_updates
 
 SERVED_NAME = "demo-llama"
 SETTLE_S = 60  # per request: stats recorded, saves announced, events applied

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 # scheme -> "module:Class"; imported only when a setting names the scheme
 BACKENDS = {
-    "ssd": "dynamo_flexkv.storage.ssd_tier:SsdTier",
+    "ssd": "dynamo_flexkv.storage.ssd.tier:SsdTier",
     "redis": "dynamo_flexkv.storage.remote.redis:RedisTier",
     "mooncake": "dynamo_flexkv.storage.remote.mooncake:MooncakeTier",
 }

@@ -6,7 +6,7 @@ and scatter per segment — never as a Python loop over blocks.
 
 `make_copier` picks the primitive by the cache's device: this module's `BlockCopier` for host-memory
 caches (or `ThreadedBlockCopier`, which completes them asynchronously on a background thread),
-`cuda_copier.CudaBlockCopier` (same interface, bus-speed copies on side streams) on CUDA.
+`cuda.copier.CudaBlockCopier` (same interface, bus-speed copies on side streams) on CUDA.
 """
 
 from __future__ import annotations
@@ -102,10 +102,10 @@ def make_copier(
     (`ThreadedBlockCopier` with `cpu_async`).
 
     `cuda_options` (method, issue, staging_bytes, max_programs, pin) only apply on CUDA. On CUDA the pool is
-    pinned here if nobody pinned it yet (`storage.pinning.pin_host_memory`, idempotent).
+    pinned here if nobody pinned it yet (`transfer.cuda.pinning.pin_host_memory`, idempotent).
     """
     if layout.device.type == "cuda":
-        from dynamo_flexkv.transfer.cuda_copier import CudaBlockCopier
+        from dynamo_flexkv.transfer.cuda.copier import CudaBlockCopier
 
         return CudaBlockCopier(layout, pool, geometry, rank, **cuda_options)
     if cpu_async:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_flexkv.integration.dynamo import client, processes
-from dynamo_flexkv.integration.dynamo.processes import REPO, Deployment, free_port
+from dynamo_flexkv.devtools import client, processes
+from dynamo_flexkv.devtools.processes import REPO, Deployment, free_port
 
 BLOCK = 32
 ENGINE_START_S = 420  # two engines starting side by side on a loaded 2-core machine

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from dynamo_flexkv.integration.dynamo import client
+from dynamo_flexkv.devtools import client
 from tests.dynamo.conftest import BLOCK, random_prompt, start_recipe, stop_and_check_no_orphans
 from tests.servers import mooncake_master
 

@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from dynamo_flexkv.integration.dynamo import client, processes
-from dynamo_flexkv.integration.dynamo.processes import REPO, Service
+from dynamo_flexkv.devtools import client, processes
+from dynamo_flexkv.devtools.processes import REPO, Service
 
 pytestmark = pytest.mark.dynamo
 

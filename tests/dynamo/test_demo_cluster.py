@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from dynamo_flexkv.integration.dynamo import processes
-from dynamo_flexkv.integration.dynamo.processes import REPO
+from dynamo_flexkv.devtools import processes
+from dynamo_flexkv.devtools.processes import REPO
 
 pytestmark = pytest.mark.dynamo
 

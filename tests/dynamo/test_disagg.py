@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from dynamo_flexkv.integration.dynamo import client
-from dynamo_flexkv.integration.dynamo.kv_stream import KvEventStream, check_stream
-from dynamo_flexkv.integration.dynamo.processes import free_port
+from dynamo_flexkv.devtools import client
+from dynamo_flexkv.devtools.kv_stream import KvEventStream, check_stream
+from dynamo_flexkv.devtools.processes import free_port
 from tests.dynamo.conftest import BLOCK, Recipe, random_prompt, start_recipe, stop_and_check_no_orphans
 
 pytestmark = pytest.mark.dynamo

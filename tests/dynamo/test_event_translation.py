@@ -8,7 +8,7 @@ from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStor
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from dynamo_flexkv.index.plans import Cleared, Removed, Stored
-from dynamo_flexkv.integration.dynamo.kv_stream import check_stream, router_updates
+from dynamo_flexkv.devtools.kv_stream import check_stream, router_updates
 from dynamo_flexkv.integration.vllm.events import EventTranslator
 
 BLOCK = 32

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynamo_flexkv.integration.dynamo import client, processes
-from dynamo_flexkv.integration.dynamo.processes import REPO, Deployment, free_port
+from dynamo_flexkv.devtools import client, processes
+from dynamo_flexkv.devtools.processes import REPO, Deployment, free_port
 from tests.dynamo.conftest import random_prompt
 
 pytestmark = [

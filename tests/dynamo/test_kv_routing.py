@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_flexkv.integration.dynamo import client
-from dynamo_flexkv.integration.dynamo.processes import log
-from dynamo_flexkv.integration.dynamo.kv_stream import KvEventStream, check_stream, count_events, router_updates
+from dynamo_flexkv.devtools import client
+from dynamo_flexkv.devtools.processes import log
+from dynamo_flexkv.devtools.kv_stream import KvEventStream, check_stream, count_events, router_updates
 from tests.dynamo.conftest import BLOCK, Recipe, random_prompt, start_recipe, stop_and_check_no_orphans
 
 pytestmark = pytest.mark.dynamo

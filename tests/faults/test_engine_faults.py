@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_flexkv.harness import EngineError, EngineHost
+from dynamo_flexkv.devtools.harness import EngineError, EngineHost
 from tests.faults.blockfs import mounted
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
 
@@ -234,7 +234,7 @@ def test_hung_disk_degrades_to_recompute_in_bounded_time(tiny_model, reference, 
 
 SMALL_SHM_ENGINE = """
 import sys
-from dynamo_flexkv.harness import EngineError, EngineHost
+from dynamo_flexkv.devtools.harness import EngineError, EngineHost
 from tests.helpers import COMPAT_CONFIG, ENGINE
 try:
     EngineHost(sys.argv[1], {**ENGINE, "kv_transfer_config": COMPAT_CONFIG},

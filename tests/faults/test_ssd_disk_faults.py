@@ -12,7 +12,7 @@ import uuid
 import pytest
 import torch
 
-from dynamo_flexkv.storage.ssd import SsdBlockStore
+from dynamo_flexkv.storage.ssd.store import SsdBlockStore
 from tests.faults.blockfs import mounted
 
 SLOT = 16 * 1024

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from dynamo_flexkv.harness import EngineHost
+from dynamo_flexkv.devtools.harness import EngineHost
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, GPU_BLOCKS, random_prompt
 
 pytestmark = pytest.mark.engine

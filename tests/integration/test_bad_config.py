@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dynamo_flexkv.harness import EngineError, EngineHost
+from dynamo_flexkv.devtools.harness import EngineError, EngineHost
 from tests.helpers import COMPAT_CONFIG, ENGINE
 
 pytestmark = pytest.mark.engine

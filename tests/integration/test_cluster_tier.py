@@ -21,8 +21,8 @@ import time
 import pytest
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.harness import EngineError, EngineHost
-from dynamo_flexkv.integration.dynamo.processes import free_port
+from dynamo_flexkv.devtools.harness import EngineError, EngineHost
+from dynamo_flexkv.devtools.processes import free_port
 from dynamo_flexkv.storage.backend import open_backend
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
 from tests.servers import mooncake_cluster, mooncake_master, redis_cluster

@@ -1,6 +1,6 @@
 """The CPU tier inside a real vLLM engine (CPU build) with the tiny model.
 
-Each engine runs in its own process (see dynamo_flexkv.harness). The reference engine has no
+Each engine runs in its own process (see dynamo_flexkv.devtools.harness). The reference engine has no
 connector; every FlexKV engine must produce token-for-token the same greedy outputs.
 """
 
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from dynamo_flexkv.harness import EngineHost
+from dynamo_flexkv.devtools.harness import EngineHost
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
 
 pytestmark = pytest.mark.engine

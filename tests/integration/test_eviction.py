@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from dynamo_flexkv.harness import EngineHost
+from dynamo_flexkv.devtools.harness import EngineHost
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
 
 pytestmark = pytest.mark.engine

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from dynamo_flexkv.harness import EngineError, EngineHost
+from dynamo_flexkv.devtools.harness import EngineError, EngineHost
 from tests.helpers import COMPAT_CONFIG, ENGINE, random_prompt
 
 pytestmark = pytest.mark.engine

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_flexkv.harness import EngineHost
+from dynamo_flexkv.devtools.harness import EngineHost
 from tests.conftest import REPO
 from tests.helpers import COMPAT_CONFIG, random_prompt
 
@@ -32,7 +32,7 @@ ENGINE = dict(enforce_eager=True, enable_prefix_caching=True, block_size=MLA_BLO
 def mla_model() -> str:
     model_dir = Path(REPO) / ".cache" / "tiny-mla"
     if not (model_dir / "model.safetensors").exists():
-        from dynamo_flexkv.tiny_model import build_mla
+        from dynamo_flexkv.devtools.tiny_model import build_mla
 
         build_mla(model_dir)
     return str(model_dir)

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from dynamo_flexkv.harness import EngineHost
-from dynamo_flexkv.integration.dynamo.kv_stream import KvEventStream, check_stream
-from dynamo_flexkv.integration.dynamo.processes import free_port
+from dynamo_flexkv.devtools.harness import EngineHost
+from dynamo_flexkv.devtools.kv_stream import KvEventStream, check_stream
+from dynamo_flexkv.devtools.processes import free_port
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
 
 pytestmark = pytest.mark.engine

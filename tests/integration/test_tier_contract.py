@@ -19,7 +19,7 @@ import redis
 import torch
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.integration.dynamo.processes import Deployment, free_port
+from dynamo_flexkv.devtools.processes import Deployment, free_port
 from dynamo_flexkv.storage.backend import BACKENDS, IoResult, TierBackend, open_backend
 from tests.example_tier import MemoryTier
 from tests.servers import mooncake_master

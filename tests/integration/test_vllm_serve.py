@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from dynamo_flexkv.integration.dynamo.processes import PYTHON, Deployment, free_port
+from dynamo_flexkv.devtools.processes import PYTHON, Deployment, free_port
 from tests.helpers import dashboard_metric_names, exposed_metric_names, random_prompt
 
 pytestmark = pytest.mark.engine

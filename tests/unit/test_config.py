@@ -112,7 +112,7 @@ def test_env_var_sets_field(var, raw, field, expected):
 def test_cuda_issue_values_are_the_copiers():
     from typing import get_args
 
-    from dynamo_flexkv.transfer.cuda_copier import ISSUE_MODES
+    from dynamo_flexkv.transfer.cuda.copier import ISSUE_MODES
 
     assert get_args(config.CudaIssue) == ISSUE_MODES
     with pytest.raises(ValueError, match="FLEXKV_CUDA_ISSUE.*caller"):

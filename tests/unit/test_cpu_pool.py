@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynamo_flexkv.storage.cpu_pool import CpuBlockPool, claim_pool_owner, release_pool_owner, sweep_stale_pools
+from dynamo_flexkv.storage.cpu.pool import CpuBlockPool, claim_pool_owner, release_pool_owner, sweep_stale_pools
 from dynamo_flexkv.storage.layout import PoolGeometry
 from dynamo_flexkv.storage.private_files import ForeignFileError
 
@@ -101,7 +101,7 @@ def _in_small_dev_shm(size: str, code: str) -> subprocess.CompletedProcess:
 
 POOL_IN_SHM = """
 import sys
-from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
+from dynamo_flexkv.storage.cpu.pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import PoolGeometry
 slots = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 pool = CpuBlockPool('dynamo-flexkv-small-shm', PoolGeometry({slots}, 1 << 20, 1))
@@ -180,7 +180,7 @@ def test_another_users_file_in_a_shared_dir_never_stops_a_non_root_sweeper():
         shared.chmod(0o1777)
         _foreign(shared / "dynamo-flexkv-theirs")
         code = ("import sys; from pathlib import Path; "
-                "from dynamo_flexkv.storage.cpu_pool import sweep_stale_pools; "
+                "from dynamo_flexkv.storage.cpu.pool import sweep_stale_pools; "
                 "print(sweep_stale_pools(Path(sys.argv[1])))")
         result = subprocess.run(
             ["setpriv", "--reuid", str(NOBODY - 1), "--regid", str(NOBODY - 1), "--clear-groups",

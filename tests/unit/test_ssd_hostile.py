@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynamo_flexkv.storage.ssd import IoResult, SsdBlockStore
-from dynamo_flexkv.storage.ssd_claim import claim_seat, reclaim_dead_files, reclaimable_bytes
+from dynamo_flexkv.storage.ssd.store import IoResult, SsdBlockStore
+from dynamo_flexkv.storage.ssd.seats import claim_seat, reclaim_dead_files, reclaimable_bytes
 
 SLOT = 16 * 1024
 TIMEOUT = 30
@@ -49,7 +49,7 @@ def test_a_planted_symlink_disables_the_tier_and_its_target_is_untouched(tmp_pat
     target = tmp_path / "precious"
     target.write_bytes(b"do not truncate")
     name.symlink_to(target)
-    caplog.set_level(logging.ERROR, logger="dynamo_flexkv.storage.ssd")
+    caplog.set_level(logging.ERROR, logger="dynamo_flexkv.storage.ssd.store")
     with SsdBlockStore([str(tmp_path)], 4 * SLOT, SLOT, IDENT) as st:
         assert_disabled_but_serving(st, pool, "symbolic link")
     assert target.read_bytes() == b"do not truncate" and name.is_symlink()
@@ -113,7 +113,7 @@ def test_unexpected_fallocate_error_at_start_degrades_instead_of_aborting(tmp_pa
 WARM_RESTART_ON_SMALL_DISK = """
 import sys
 from dynamo_flexkv.config import GIB, load_settings
-from dynamo_flexkv.storage.ssd import SsdBlockStore
+from dynamo_flexkv.storage.ssd.store import SsdBlockStore
 env = {"FLEXKV_SSD_CACHE_GB": str(12 / 1024), "FLEXKV_SSD_CACHE_DIR": sys.argv[1]}
 for run in range(3):  # the first start and two warm restarts, each validating its settings first
     settings = load_settings(environ=env)

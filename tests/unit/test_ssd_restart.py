@@ -12,10 +12,10 @@ from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.integration.vllm.scheduler import SchedulerSide
-from dynamo_flexkv.storage.cpu_pool import SHM_DIR, CpuBlockPool
+from dynamo_flexkv.storage.cpu.pool import SHM_DIR, CpuBlockPool
 from dynamo_flexkv.storage.layout import PoolGeometry
-from dynamo_flexkv.storage.ssd_tier import SsdTier
-from dynamo_flexkv.tiers import InstanceFacts
+from dynamo_flexkv.storage.ssd.tier import SsdTier
+from dynamo_flexkv.tiers.facts import InstanceFacts
 
 BLOCK = 16
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynamo_flexkv.storage import ssd_io
-from dynamo_flexkv.storage.ssd import IoResult, SsdBlockStore
-from dynamo_flexkv.storage.ssd_io import ALIGN, HEADER_BYTES, RECORD_BYTES, uring_available
+from dynamo_flexkv.storage.ssd import engines as ssd_io
+from dynamo_flexkv.storage.ssd.store import IoResult, SsdBlockStore
+from dynamo_flexkv.storage.ssd.engines import ALIGN, HEADER_BYTES, RECORD_BYTES, uring_available
 
 SLOT = 16 * 1024
 TIMEOUT = 30
@@ -116,7 +116,7 @@ def test_checksum_corruption_is_a_counted_logged_miss(dirs, make_pool, caplog):
         ok_all(st.write_blocks(pool, range(4), range(4), keys_for(range(4))))
         path, off = block_offset(st, 2)
         flip_byte(path, off + 1000)
-        caplog.set_level(logging.WARNING, logger="dynamo_flexkv.storage.ssd")
+        caplog.set_level(logging.WARNING, logger="dynamo_flexkv.storage.ssd.store")
         res = st.read_blocks(pool, range(4), range(4, 8), keys_for(range(4))).result(TIMEOUT)
         assert res.ok == [True, True, False, True] and res.bytes == 3 * SLOT
         assert st.stats.corrupt_blocks == 1

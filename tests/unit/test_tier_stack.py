@@ -13,9 +13,10 @@ import torch
 from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.storage.backend import failed_io
 from dynamo_flexkv.index import CacheEngine, Stored, TierIndex, make_policy
-from dynamo_flexkv.storage.cpu_pool import SHM_DIR
+from dynamo_flexkv.storage.cpu.pool import SHM_DIR
 from dynamo_flexkv.storage.layout import PoolGeometry
-from dynamo_flexkv.tiers import InstanceFacts, TierStack, shared_tier_layout
+from dynamo_flexkv.tiers.facts import InstanceFacts, shared_tier_layout
+from dynamo_flexkv.tiers.stack import TierStack
 from tests.example_tier import MemoryTier
 from tests.unit.test_engine import chain, parents_of, store
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
+from dynamo_flexkv.storage.cpu.pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
-from dynamo_flexkv.storage.pinning import PinningError, pin_host_memory
+from dynamo_flexkv.transfer.cuda.pinning import PinningError, pin_host_memory
 from dynamo_flexkv.transfer.copier import BlockCopier, ThreadedBlockCopier, make_copier
-from dynamo_flexkv.transfer.cuda_copier import (
+from dynamo_flexkv.transfer.cuda.copier import (
     SegmentTable,
     coalesce,
     group_layers,

@@ -38,7 +38,7 @@ from dynamo_flexkv.integration.vllm.instance import describe_instance
 from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
 from dynamo_flexkv.logs import configure_logging
-from dynamo_flexkv.storage.cpu_pool import claim_pool_owner, release_pool_owner
+from dynamo_flexkv.storage.cpu.pool import claim_pool_owner, release_pool_owner
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_events import KVCacheEvent

@@ -23,7 +23,7 @@ from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.index.groups import KVGroup
 from dynamo_flexkv.integration.vllm.fingerprint import kv_fingerprint
 from dynamo_flexkv.storage.layout import PoolGeometry
-from dynamo_flexkv.tiers import InstanceFacts, require_shared_hashes
+from dynamo_flexkv.tiers.facts import InstanceFacts, require_shared_hashes
 
 
 def describe_instance(

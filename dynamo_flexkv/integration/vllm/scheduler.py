@@ -21,7 +21,7 @@ one block table per group. A save copies each group's blocks it still holds (a s
 has freed the blocks before its window) and the index records which groups each block holds; a hit
 is cut to what every group can use (`index.groups.usable_hit`), and a load fills every block vLLM
 gave each group except its null blocks. Hybrid models' hits are loaded between steps (see compat.py).
-Tier assembly, the cascade and shared-tier lookups live in `dynamo_flexkv.tiers.TierStack`; this
+Tier assembly, the cascade and shared-tier lookups live in `dynamo_flexkv.tiers.stack.TierStack`; this
 class translates vLLM's requests and block ids to keys and slots.
 """
 
@@ -46,7 +46,8 @@ from dynamo_flexkv.integration.vllm.compat import NULL_BLOCK_ID
 from dynamo_flexkv.integration.vllm.events import EventTranslator
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
-from dynamo_flexkv.tiers import InstanceFacts, TierStack
+from dynamo_flexkv.tiers.facts import InstanceFacts
+from dynamo_flexkv.tiers.stack import TierStack
 
 logger = logging.getLogger(__name__)
 

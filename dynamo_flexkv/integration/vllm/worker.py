@@ -35,11 +35,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dynamo_flexkv.tiers import InstanceFacts
+from dynamo_flexkv.tiers.facts import InstanceFacts
 from dynamo_flexkv.integration.vllm.compat import PER_REQUEST_LOAD_FAILURES
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
-from dynamo_flexkv.storage.cpu_pool import CpuBlockPool
+from dynamo_flexkv.storage.cpu.pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout
 from dynamo_flexkv.transfer.copier import BlockCopier, make_copier
 from dynamo_flexkv.transfer.layerwise import (

@@ -17,7 +17,7 @@ trained on a seeded synthetic corpus (every byte stays encodable) with a ChatML 
   token). Float32, because a random model's greedy answers flip on bf16 rounding: a prompt whose KV
   was loaded must give the same answer as one recomputed in a different batch shape.
 
-Usage: python -m dynamo_flexkv.tiny_model [--demo | --sliding] OUTPUT_DIR
+Usage: python -m dynamo_flexkv.devtools.tiny_model [--demo | --sliding] OUTPUT_DIR
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def build_mla(out_dir: str | Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m dynamo_flexkv.tiny_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dynamo_flexkv.devtools.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("--demo", action="store_true", help="the demo's model (DEMO) instead of the tests' (TINY)")
     parser.add_argument("--sliding", action="store_true", help="the hybrid-model tests' model (SLIDING)")
     parser.add_argument("output_dir", type=Path)

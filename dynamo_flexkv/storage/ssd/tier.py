@@ -1,7 +1,7 @@
 """The SSD tier behind the `TierBackend` seam: an `SsdBlockStore` on this instance's claimed seat.
 
 The store does the work (striped O_DIRECT files, checksums, warm restart, degrading on faults);
-this adapter names the tier, claims the files for this instance (see ssd_claim.py) and holds that
+this adapter names the tier, claims the files for this instance (see seats.py) and holds that
 claim until `close()`.
 """
 
@@ -13,9 +13,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock, completed
-from dynamo_flexkv.storage.ssd import SsdBlockStore
-from dynamo_flexkv.storage.ssd_claim import claim_seat
-from dynamo_flexkv.storage.ssd_io import MAX_TOKENS_PER_BLOCK
+from dynamo_flexkv.storage.ssd.store import SsdBlockStore
+from dynamo_flexkv.storage.ssd.seats import claim_seat
+from dynamo_flexkv.storage.ssd.engines import MAX_TOKENS_PER_BLOCK
 
 
 class SsdTier:

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
-from dynamo_flexkv.storage.pinning import CudaDriver, PinnedRegion, find_pinned_region, pin_host_memory
+from dynamo_flexkv.transfer.cuda.pinning import CudaDriver, PinnedRegion, find_pinned_region, pin_host_memory
 from dynamo_flexkv.transfer.copier import BlockCopier
 from dynamo_flexkv.transfer.layerwise import CudaLayerwiseLoad, CudaTransferHandle
 
@@ -309,11 +309,11 @@ class BatchMemcpy:
 
 def _triton_kernels():
     try:
-        from dynamo_flexkv.transfer import triton_kernels
+        from dynamo_flexkv.transfer.cuda import kernels
     except Exception as exc:  # no Triton (or it cannot compile here): the copy-engine methods remain
         logger.info("Triton kernels unavailable: %s", exc)
         return None
-    return triton_kernels
+    return kernels
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 SSD slot `s` lives in file `s % n_dirs` at index `s // n_dirs`, so consecutive slots stripe across
 the directories; the files are named from a hash of the caller's identity (model/layout), and each
-header repeats the identity and layout. The on-disk format and the I/O engines are in ssd_io.py. Each
+header repeats the identity and layout. The on-disk format and the I/O engines are in engines.py. Each
 slot has a metadata record: the caller's block key, the xxh3-64 of the block's data, a write sequence,
 and optionally the block's parent key and token ids (so a restarted worker can rebuild its chains and
 announce what it found on disk; see `recover_blocks`).
@@ -48,8 +48,8 @@ import xxhash
 
 from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock, TierIOStats
 from dynamo_flexkv.storage.private_files import ForeignFileError
-from dynamo_flexkv.storage.ssd_claim import reclaim_dead_files
-from dynamo_flexkv.storage.ssd_io import (
+from dynamo_flexkv.storage.ssd.seats import reclaim_dead_files
+from dynamo_flexkv.storage.ssd.engines import (
     ALIGN,
     IOV_MAX,
     MAX_KEY_BYTES,

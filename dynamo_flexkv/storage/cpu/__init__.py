@@ -1,0 +1,1 @@
+"""The CPU tier: a shared-memory block pool every TP rank maps."""

@@ -1,0 +1,3 @@
+"""The CUDA data path: `copier` (GPU<->pool copies), `pinning` (driver binding, pinned host memory),
+`kernels` (Triton gather/scatter).
+"""
