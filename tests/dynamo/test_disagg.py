@@ -93,6 +93,7 @@ def test_legacy_command_lines_are_translated(aggregated, disagg):
     assert "DYNAMO_USE_FLEXKV=1 -> KV events on ipc://" in aggregated.log
 
 
+@pytest.mark.correctness("P/D through NIXL", "text identical to the aggregated deployment (Dynamo prefill + decode workers, NIXL)")
 def test_prefill_then_decode_gives_the_aggregated_text(aggregated, disagg):
     oa = disagg.recipe.openai()
     for prompt, want in zip(PROMPTS, aggregated.texts):
@@ -101,6 +102,7 @@ def test_prefill_then_decode_gives_the_aggregated_text(aggregated, disagg):
         assert got.text == want
 
 
+@pytest.mark.correctness("P/D through NIXL", "a repeated prompt's prefill loads from the CPU tier; text identical to the aggregated deployment")
 def test_repeated_prompt_prefill_comes_from_the_cpu_tier(aggregated, disagg):
     oa, rng = disagg.recipe.openai(), random.Random(11)
     prompt = PROMPTS[1]

@@ -190,6 +190,7 @@ def test_disk_full_is_a_clear_start_up_error(tiny_model, tmp_path, clean_shm):
         subprocess.run(["umount", "-l", str(small)], check=False, timeout=30)
 
 
+@pytest.mark.correctness("corrupt block", "recompute under MultiConnector; tokens identical to a no-connector engine")
 def test_flipped_bytes_under_multiconnector_are_recomputed(tiny_model, reference, prompts, expected, tmp_path,
                                                            clean_shm):
     """vLLM reads the load-failure policy of the top-level (MultiConnector) config only: unreadable

@@ -43,6 +43,7 @@ def test_saves_complete_under_cache_pressure_with_vllm_026_steps(tiny_model, ref
     assert state["engine_stats"]["stored_blocks"]["CPU"] >= 4 * FULL_BLOCKS
 
 
+@pytest.mark.correctness("chunked prefill", "tokens identical to a no-connector engine; the whole prompt, every chunk, loads when re-asked")
 def test_a_prompt_prefilled_in_chunks_is_stored_whole(tiny_model, reference):
     """vLLM prefills a long prompt in chunks. When the request finishes with its last chunk, the save
     of that chunk's blocks extends blocks whose save (planned one step earlier) is still in flight on

@@ -65,6 +65,7 @@ def tokens(completions) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(("store", "tier"), [("cluster", "MOONCAKE"), ("redis_store", "REDIS")])
+@pytest.mark.correctness("cluster tier across nodes", "tokens identical to a no-connector engine; engine B loads what engine A computed (Mooncake and Redis)")
 def test_a_prefix_computed_on_one_node_is_loaded_on_another(tiny_model, store, tier, reference, request):
     cluster = request.getfixturevalue(store)
     prompts = make_prompts(11)
@@ -88,6 +89,7 @@ FLIP_LAST_BYTE = ("local n = 0 for _, k in ipairs(redis.call('KEYS', 'flexkv/*')
                   "redis.call('SET', k, string.sub(v, 1, #v - 1) .. string.char((b + 1) % 256)) n = n + 1 end return n")
 
 
+@pytest.mark.correctness("corrupt block", "recompute: every value corrupted in Redis is a miss, no retry loop; tokens identical to a no-connector engine")
 def test_values_corrupted_in_the_store_are_recomputed_by_a_real_engine(tiny_model, redis_store, reference):
     """A staged read that fails (here every value fails its checksum) is a failed load: the engine
     recomputes those blocks, answers every request within the bound, with the reference tokens."""
@@ -111,6 +113,7 @@ def test_values_corrupted_in_the_store_are_recomputed_by_a_real_engine(tiny_mode
     assert state["engine_stats"]["hit_blocks"].get("REDIS", 0) == 0, state
 
 
+@pytest.mark.correctness("cluster store stalled or dead", "recompute while the Mooncake master is gone; sharing resumes when it returns; tokens identical to a no-connector engine")
 def test_master_loss_degrades_to_recompute_and_its_return_resumes_sharing(tiny_model, cluster, reference):
     network, services, _ = cluster
     before, during, after = make_prompts(21), make_prompts(22), make_prompts(23)
@@ -165,6 +168,7 @@ def test_a_full_store_declines_puts_and_keeps_serving(tmp_path):
             tier.close()
 
 
+@pytest.mark.correctness("cluster store stalled or dead", "recompute while the link is cut; tokens identical to a no-connector engine")
 def test_a_cut_network_is_the_same_as_a_lost_master(tiny_model, cluster, reference):
     network, _, _ = cluster
     prompts = make_prompts(31)

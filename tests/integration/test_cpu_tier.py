@@ -43,6 +43,7 @@ def test_compat_name_resolves_to_our_connector(flexkv):
     assert issubclass(FlexKVConnector, FlexKVConnectorV1)
 
 
+@pytest.mark.correctness("plain model", "tokens identical to a no-connector engine; prompts vLLM evicted load from the CPU tier")
 def test_evicted_prompts_are_served_from_cpu_tier(reference, flexkv):
     rng = random.Random(1)
     prompts = [random_prompt(rng, n) for n in LENGTHS]
@@ -72,6 +73,7 @@ def test_shared_prefix_concurrency_matches_reference(reference, flexkv):
     assert flexkv.flexkv_state()["loaded_tokens"] > 0
 
 
+@pytest.mark.correctness("tensor parallel (TP=2)", "tokens identical to a no-connector engine; each rank saves and loads its own shard")
 def test_two_tensor_parallel_ranks_each_save_and_load_their_shard(tiny_model):
     """TP=2: every slot holds both ranks' shards. Outputs served from the CPU tier must equal the
     same engine's own first answers (TP changes the arithmetic, so the TP=1 reference differs)."""

@@ -59,6 +59,7 @@ def _serve_twice(host, reference, prompts, seed):
 
 
 @pytest.mark.parametrize("transfer", [COMPAT_CONFIG, MULTI_CONFIG], ids=["flexkv", "multiconnector-nixl"])
+@pytest.mark.correctness("sliding-window hybrid model", "tokens identical to a no-connector engine with the hybrid manager on; alone and under MultiConnector with NIXL")
 def test_hybrid_manager_stays_on_and_each_group_loads_from_the_cpu_tier(sliding_model, hybrid_reference, prompts,
                                                                        transfer):
     with EngineHost(sliding_model, {**HYBRID_ENGINE, "kv_transfer_config": transfer}) as host:
@@ -74,6 +75,7 @@ def test_hybrid_manager_stays_on_and_each_group_loads_from_the_cpu_tier(sliding_
     assert state["accounting"]["problems"] == []
 
 
+@pytest.mark.correctness("sliding-window hybrid model", "recompute: a hit whose window blocks are gone is not loaded")
 def test_a_hit_the_window_cannot_use_is_recomputed(sliding_model, hybrid_reference, prompts):
     """A prompt sharing only the first blocks of a stored one: those blocks hold the full-attention
     layers' KV, but their sliding-window KV was freed by vLLM before it was saved. The hit is of no

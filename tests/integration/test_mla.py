@@ -39,6 +39,7 @@ def mla_model() -> str:
 
 
 @pytest.mark.parametrize("layerwise", ["1", "0"])
+@pytest.mark.correctness("MLA model", "tokens identical to a no-connector engine (float32 tiny DeepSeek-V2)")
 def test_mla_prompts_evicted_from_vllm_come_back_from_the_cpu_tier(mla_model, layerwise):
     rng = random.Random(11)
     prompts = [random_prompt(rng, 150 + 37 * i) for i in range(6)]  # together 3x vLLM's 640-token cache

@@ -38,6 +38,7 @@ def wait_for_cpu_blocks(stream: KvEventStream, count: int, timeout_s: float = 60
 
 
 @pytest.mark.parametrize("async_copies", ["0", "1"])
+@pytest.mark.correctness("preemption and resume", "tokens identical to a no-connector engine; preempted requests resume from what they saved")
 def test_preempted_requests_resume_with_loaded_tokens(tiny_model, reference, async_copies):
     """Four requests that together need more blocks than vLLM's cache has: vLLM preempts some and
     frees their blocks; their computed blocks are saved first and loaded when they resume. With

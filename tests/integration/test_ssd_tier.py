@@ -86,6 +86,7 @@ def fill_ssd_tier(tiny_model, ssd_dirs, prompts, expected) -> None:
         assert [c.token_ids for c in host.generate(prompts, max_tokens=8, one_at_a_time=True)] == expected
 
 
+@pytest.mark.correctness("SSD warm restart", "tokens identical to a no-connector engine; a restarted engine loads earlier prompts from disk")
 def test_restarted_engine_serves_earlier_prompts_from_ssd_on_first_request(tiny_model, ssd_dirs, prompts, expected):
     fill_ssd_tier(tiny_model, ssd_dirs, prompts, expected)
     with ssd_engine(tiny_model, ssd_dirs) as host:
@@ -96,6 +97,7 @@ def test_restarted_engine_serves_earlier_prompts_from_ssd_on_first_request(tiny_
     assert state["engine_stats"]["hit_blocks"]["SSD"] >= len(prompts) * PROMPT_BLOCKS - 12
 
 
+@pytest.mark.correctness("corrupt block", "recompute: a block whose checksum fails on disk is a miss; tokens identical to a no-connector engine")
 def test_flipped_bytes_are_detected_and_recomputed(tiny_model, ssd_dirs, prompts, expected):
     fill_ssd_tier(tiny_model, ssd_dirs, prompts, expected)
     for f in ssd_files(ssd_dirs):
