@@ -16,8 +16,9 @@ import torch
 from dynamo_flexkv.storage.cpu.pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
 from dynamo_flexkv.transfer.cuda.pinning import PinningError, pin_host_memory
-from dynamo_flexkv.transfer.copier import BlockCopier, ThreadedBlockCopier, make_copier
-from dynamo_flexkv.transfer.cuda.copier import (
+from dynamo_flexkv.transfer.host import BlockCopier, ThreadedBlockCopier
+from dynamo_flexkv.transfer.copier import Copier, make_copier
+from dynamo_flexkv.transfer.cuda.segments import (
     SegmentTable,
     coalesce,
     group_layers,
