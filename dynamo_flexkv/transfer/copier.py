@@ -10,7 +10,7 @@ imports the CUDA one only when the cache is on a CUDA device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -19,6 +19,7 @@ from dynamo_flexkv.transfer.host import BlockCopier, ThreadedBlockCopier
 from dynamo_flexkv.transfer.layerwise import LayerwiseLoad, TransferHandle
 
 
+@runtime_checkable
 class Copier(Protocol):
     layout: KVCacheLayout
     block_bytes: int  # bytes of one block in this rank's region of a slot
