@@ -47,7 +47,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry  # noqa: E402
-from dynamo_flexkv.transfer.copier import BlockCopier, make_copier  # noqa: E402
+from dynamo_flexkv.config import load_settings  # noqa: E402
+from dynamo_flexkv.transfer.copier import make_copier  # noqa: E402
+from dynamo_flexkv.transfer.host import BlockCopier  # noqa: E402
 from dynamo_flexkv.transfer.layerwise import start_layerwise_load, start_load, start_save  # noqa: E402
 
 GB = 1e9
@@ -244,7 +246,9 @@ def make(layout, pool, geometry, rank, spec: str):
     name, opts = parse_method(spec)
     if layout.device.type != "cuda" or name == "legacy":
         return BlockCopier(layout, pool, geometry, rank)
-    copier = make_copier(layout, pool, geometry, rank, method=name, **opts)
+    # FLEXKV_CUDA_BATCH_MEMCPY=0 measures the per-copy path of drivers before CUDA 12.8
+    copier = make_copier(layout, pool, geometry, rank, method=name,
+                         batch_memcpy=load_settings().cuda_batch_memcpy, **opts)
     if copier.method != name:
         copier.close()
         raise RuntimeError(f"method {name} unavailable here (got {copier.method})")
@@ -702,7 +706,7 @@ def bench_pinning(device, args) -> dict:
     """Registration time (single call vs 1 GiB chunks on 4 threads, each on fresh, untouched memory),
     and whether one copy may straddle two registrations."""
     from dynamo_flexkv.transfer.cuda.pinning import pin_host_memory
-    from dynamo_flexkv.transfer.cuda.copier import BatchMemcpy
+    from dynamo_flexkv.transfer.cuda.batch_memcpy import BatchMemcpy
 
     nbytes = args.pin_test_gib << 30
     out = {"bytes": nbytes}
@@ -735,7 +739,7 @@ def bench_pinning(device, args) -> dict:
 def bench_batch_sizes(device, host: HostBuffer, args) -> list[dict]:
     """cuMemcpyBatchAsync alone: 1 GiB as copies of one size between scattered pinned-host offsets and
     a contiguous device buffer, one way and both ways at once (each direction issued by its own thread)."""
-    from dynamo_flexkv.transfer.cuda.copier import BatchMemcpy
+    from dynamo_flexkv.transfer.cuda.batch_memcpy import BatchMemcpy
 
     batch = BatchMemcpy.get()
     total = 1 << 30
@@ -784,7 +788,7 @@ def bench_batch_sizes(device, host: HostBuffer, args) -> list[dict]:
 
 def environment(device) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-           "no_batch_memcpy": bool(os.environ.get("FLEXKV_CUDA_NO_BATCH_MEMCPY"))}
+           "no_batch_memcpy": not load_settings().cuda_batch_memcpy}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -801,7 +805,7 @@ def environment(device) -> dict:
         except Exception:
             env["cuda-bindings"] = "absent"
         from dynamo_flexkv.transfer.cuda.pinning import CudaDriver
-        from dynamo_flexkv.transfer.cuda.copier import BatchMemcpy
+        from dynamo_flexkv.transfer.cuda.batch_memcpy import BatchMemcpy
 
         env["driver_cuda_version"] = CudaDriver.get().version
         env["cuMemcpyBatchAsync"] = BatchMemcpy.get() is not None

@@ -1,37 +1,16 @@
-"""The one settings model of dynamo-flexkv, and where its values come from.
+"""The one settings model of dynamo-flexkv: every knob is a field of :class:`FlexKVSettings`, named as
+FlexKV names it (``cpu_cache_gb`` in a file or ``kv_connector_extra_config``, ``FLEXKV_CPU_CACHE_GB`` in
+the environment). Where values come from, and in which order, is `config_sources`.
 
-Every knob is a field of :class:`FlexKVSettings`. Its name is the FlexKV name users already type:
-``cpu_cache_gb`` in a YAML/JSON file or in ``kv_connector_extra_config``, ``FLEXKV_CPU_CACHE_GB``
-in the environment.
-
-Sources and precedence (later wins, key by key)
------------------------------------------------
-1. Defaults (the field defaults below).
-2. ``FLEXKV_<UPPER_NAME>`` environment variables, e.g. ``FLEXKV_CPU_CACHE_GB=0.25``,
-   ``FLEXKV_SSD_CACHE_DIR="/a;/b"``, ``FLEXKV_ENABLE_METRICS=0``. A variable set to an empty string
-   counts as unset. Other ``FLEXKV_*`` variables (FlexKV has many) are ignored.
-3. The YAML or JSON file named by ``FLEXKV_CONFIG_PATH`` (keys are the lower-case field names). As in
-   FlexKV, a key in the file wins over the matching environment variable; environment variables for
-   keys the file does not set still apply. An unknown key, an unreadable file or malformed YAML/JSON
-   is an error.
-4. Overrides passed by the caller -- the connector passes vLLM's ``kv_connector_extra_config`` dict
-   from ``--kv-transfer-config``. Highest precedence; an unknown key is an error.
-
-``DYNAMO_USE_FLEXKV`` is not read here (the launcher owns it).
-
-Errors
-------
-Every problem is reported as :class:`ConfigError` (a ``ValueError``) with one line per problem that
-names the setting the way the user wrote it (``FLEXKV_CPU_CACHE_GB``, ``cpu_cache_gb=… in <file>``,
-``kv_connector_extra_config.cpu_cache_gb``), the bad value and what is allowed, e.g.::
+Every problem is a :class:`ConfigError` line naming the setting as the user wrote it, the bad value and
+what is allowed, e.g.::
 
     FLEXKV_EVICTION_POLICY='random' is invalid: allowed values are lru, lfu, fifo, mru, slru, filo
 
-Validation never allocates anything; for the SSD tier it only checks that the directories exist, are
-writable and have enough free space.
-
-This module must import in milliseconds: no torch, no vllm; yaml/json are imported only when a
-config file is read.
+Validation allocates nothing and looks at nothing outside the values: whether the SSD directories exist
+and have room, or a store's URL names a known backend, is checked by the planes that own them
+(`tiers/preflight.py`, passed in as `load_settings(checks=...)` at start-up), reported on the same lines.
+This module imports no plane, no torch, no vllm; yaml/json only when a config file is read.
 """
 
 from __future__ import annotations
@@ -40,10 +19,25 @@ import contextvars
 import logging
 import os
 import typing
-from collections.abc import Mapping
-from typing import Any, Literal, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dynamo_flexkv.config_sources import (
+    CONFIG_PATH_ENV,
+    DIRECT,
+    ENV_PREFIX,
+    OVERRIDES_NAME,
+    RETIRED,
+    ConfigError,
+    Source,
+    env_var_name,
+    read_config_file,
+    retired_problems,
+    suggest,
+    unknown_keys,
+)
 
 __all__ = [
     "CONFIG_PATH_ENV",
@@ -57,7 +51,6 @@ __all__ = [
     "FlexKVSettings",
     "env_var_name",
     "load_settings",
-    "settings_table_markdown",
 ]
 
 _log = logging.getLogger(__name__)
@@ -65,44 +58,18 @@ _log = logging.getLogger(__name__)
 GIB = 1 << 30
 """Bytes per GiB; every ``*_gb`` setting is in GiB (2**30 bytes)."""
 
-ENV_PREFIX = "FLEXKV_"
-CONFIG_PATH_ENV = "FLEXKV_CONFIG_PATH"
-OVERRIDES_NAME = "kv_connector_extra_config"
-
 EvictionPolicy = Literal["lru", "lfu", "fifo", "mru", "slru", "filo"]
 SsdIoEngine = Literal["auto", "threads", "uring"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 SavePolicy = Literal["all", "prompt", "finished"]
 CudaIssue = Literal["caller", "thread", "caller-loads"]
+CudaCopyMethod = Literal["auto", "staged", "batch", "zerocopy", "torch"]
 EVICTION_POLICIES: tuple[str, ...] = typing.get_args(EvictionPolicy)
 LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
 
 MIN_TIER_GB = 4096 / GIB  # one page: anything smaller is a typo, not a cache (a block needs more)
-# Settings of FlexKV that dynamo-flexkv does not implement: accepted only when off, so FlexKV config
-# files and Dynamo's guide keep working; turned on, start-up fails saying why.
-_RETIRED = {
-    "enable_gds": "GPUDirect Storage is not supported by dynamo-flexkv (SSD blocks are staged through "
-                  "the CPU tier); unset it or set it to false",
-}
-_FALSE_WORDS = ("", "0", "false", "no", "off")
 
-_REMOTE_SCHEMES = ("mooncake", "redis")
 _PORT_SCHEMES = ("ipc://", "tcp://")
-_MAX_VALUE_REPR = 400
-
-
-def env_var_name(setting: str) -> str:
-    """``cpu_cache_gb`` -> ``FLEXKV_CPU_CACHE_GB``."""
-    return ENV_PREFIX + setting.upper()
-
-
-class ConfigError(ValueError):
-    """Invalid dynamo-flexkv configuration. ``str(err)`` has one line per problem."""
-
-    def __init__(self, problems: str | list[str]):
-        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
-
 
 # --------------------------------------------------------------------------------------------------
 # Internal error plumbing: validators raise these, the converter turns them into ConfigError lines.
@@ -112,15 +79,10 @@ class _UseAllowed(ValueError):
     """Raised by a validator to say "report this field's documented allowed values"."""
 
 
-class _Problem:
-    __slots__ = ("field", "reason", "value")
-
-    def __init__(self, field: str, reason: str, value: Any):
-        # ``reason`` may contain ``{other_field}`` placeholders; they are replaced by that setting's
-        # name in the same spelling (env var / key) the user used for ``field``.
-        self.field = field
-        self.reason = reason
-        self.value = value
+class _Problem(NamedTuple):
+    field: str
+    reason: str  # ``{other_field}`` in it is spelled as the user spelled ``field`` (env var / key)
+    value: Any
 
 
 class _Problems(ValueError):
@@ -193,6 +155,21 @@ class FlexKVSettings(BaseModel):
         "goes on at once; it must win the GIL back for every driver call, which behind vLLM's busy "
         "engine thread made a 4 GiB load take seconds instead of 79 ms (docs/gpu.md). "
         "`caller-loads`: loads by the engine thread, saves by a background thread.",
+    )
+    cuda_copy_method: CudaCopyMethod = Field(
+        "auto",
+        description="CUDA only: how blocks are copied between vLLM's cache and the pinned CPU tier. "
+        "`auto`: the fastest one available here (staged, then batch, zerocopy, torch). The others "
+        "force one for measurements (docs/gpu-data-plane.md): `staged` gathers blocks on the GPU and "
+        "copies whole rows; `batch` copies every block's layers straight; `zerocopy` lets a kernel "
+        "read and write the pinned pool; `torch` takes the pageable path. One that cannot run here "
+        "falls back to auto with a warning.",
+    )
+    cuda_batch_memcpy: bool = Field(
+        True,
+        description="CUDA only: issue copies with the driver's batched cuMemcpyBatchAsync (CUDA 12.8 "
+        "drivers and later). Off: one cuMemcpyAsync per copy, as on older drivers (to measure that "
+        "path on a new driver).",
     )
     save_policy: SavePolicy = Field(
         "all",
@@ -316,8 +293,6 @@ class FlexKVSettings(BaseModel):
         json_schema_extra={"x-allowed": "a number of seconds > 0 and <= 600"},
     )
 
-    # ---------------------------------------------------------------------------------------------
-
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
@@ -368,7 +343,8 @@ class FlexKVSettings(BaseModel):
             return value.strip()
         return value
 
-    @field_validator("eviction_policy", "save_policy", "ssd_io_engine", "layerwise_load", mode="before")
+    @field_validator("eviction_policy", "save_policy", "ssd_io_engine", "layerwise_load", "cuda_copy_method",
+                     mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -422,6 +398,8 @@ class FlexKVSettings(BaseModel):
     @field_validator("remote_store", mode="before")
     @classmethod
     def _check_remote(cls, value: Any) -> Any:
+        """The URL's shape only; its scheme and the rest are the store's (`storage.backend.parse_store_url`,
+        at start-up)."""
         if value is None:
             return None
         if not isinstance(value, str):
@@ -435,19 +413,12 @@ class FlexKVSettings(BaseModel):
             port = url.port
         except ValueError:
             raise ValueError(f"{shape}; the port must be a number 1-65535") from None
-        scheme = url.scheme.lower()
-        if scheme not in _REMOTE_SCHEMES:
-            got = f"scheme {url.scheme}://" if url.scheme else "no scheme"
-            raise ValueError(f"{shape} ({got} is not supported)")
+        if not url.scheme or "://" not in value:
+            raise ValueError(f"{shape} (no scheme)")
         if not url.hostname or port is None or port == 0:
             raise ValueError(f"{shape}; host and port are required")
         if url.query or url.fragment:
             raise ValueError(f"{shape}; no ?query or #fragment")
-        path = url.path.strip("/")
-        if scheme == "mooncake" and path:
-            raise ValueError(f"{shape}; a mooncake:// address has no path")
-        if scheme == "redis" and path and not path.isdigit():
-            raise ValueError(f"{shape}; the Redis db must be a number, got /{path}")
         return value
 
     # ---- cross-field checks (run only when every field is valid) --------------------------------
@@ -458,233 +429,58 @@ class FlexKVSettings(BaseModel):
         if 0 < self.ssd_cache_gb < MIN_TIER_GB:
             problems.append(_Problem("ssd_cache_gb", "use 0 (off) or at least one 4 KiB page (0.0000039)",
                                      self.ssd_cache_gb))
-        if self.ssd_io_engine == "uring":
-            from dynamo_flexkv.storage.ssd.engines import uring_available
-
-            available, why = uring_available()
-            if not available:
-                problems.append(_Problem("ssd_io_engine", f"the io_uring engine cannot run here: {why}",
-                                         self.ssd_io_engine))
         if self.remote_cache_gb > 0 and self.remote_store is None:
             problems.append(_Problem("remote_cache_gb", "the remote tier needs {remote_store}",
                                      self.remote_cache_gb))
-        if self.ssd_cache_gb > 0:
-            problems.extend(self._ssd_problems())
+        if self.ssd_cache_gb > 0 and not self.ssd_cache_dir:
+            problems.append(_Problem("ssd_cache_gb", "the SSD tier needs at least one directory in {ssd_cache_dir}",
+                                     self.ssd_cache_gb))
         if problems:
             raise _Problems(problems)
         return self
-
-    def _ssd_problems(self) -> list[_Problem]:
-        import shutil
-
-        if not self.ssd_cache_dir:
-            return [_Problem("ssd_cache_gb",
-                             "the SSD tier needs at least one directory in {ssd_cache_dir}",
-                             self.ssd_cache_gb)]
-        dirs = list(self.ssd_cache_dir)
-        problems: list[_Problem] = []
-        for path in self.ssd_cache_dir:
-            if not os.path.exists(path):
-                problems.append(_Problem("ssd_cache_dir", f"{path} does not exist", dirs))
-            elif not os.path.isdir(path):
-                problems.append(_Problem("ssd_cache_dir", f"{path} is not a directory", dirs))
-            elif not os.access(path, os.W_OK | os.X_OK):
-                problems.append(_Problem("ssd_cache_dir", f"{path} is not writable", dirs))
-        if problems:
-            return problems
-        from dynamo_flexkv.storage.ssd.seats import reclaimable_bytes
-
-        # Free space: count each filesystem once even when several directories live on it. Our own
-        # files from an earlier run (and those of identities nobody runs) are reused or reclaimed
-        # at start-up, so their space counts as free.
-        free_by_dev: dict[int, int] = {}
-        per_dir: list[str] = []
-        for path in self.ssd_cache_dir:
-            try:
-                dev = os.stat(path).st_dev
-                free = shutil.disk_usage(path).free
-            except OSError as exc:
-                return [_Problem("ssd_cache_dir", f"cannot stat {path}: {exc.strerror or exc}",
-                                 dirs)]
-            free_by_dev.setdefault(dev, free)
-            ours = reclaimable_bytes(path)
-            free_by_dev[dev] += ours
-            per_dir.append(f"{path}: {(free + ours) / GIB:.1f} GiB")
-        total_free = sum(free_by_dev.values())
-        shared = "; a shared filesystem counts once" if len(free_by_dev) < len(per_dir) else ""
-        if self.ssd_cache_gb * GIB > total_free:
-            return [_Problem(
-                "ssd_cache_gb",
-                f"only {total_free / GIB:.1f} GiB is free in {{ssd_cache_dir}} "
-                f"({', '.join(per_dir)}{shared})",
-                self.ssd_cache_gb,
-            )]
-        return []
 
 
 SETTING_NAMES: tuple[str, ...] = tuple(FlexKVSettings.model_fields)
 """All setting names, in declaration order (= the allowed file / override keys)."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Sources
-
-
-class _Source:
-    """Where a value came from; knows how the user spelled a setting there."""
-
-    __slots__ = ("kind", "path")
-
-    def __init__(self, kind: str, path: str | None = None):
-        self.kind = kind  # "direct" | "env" | "file" | "override"
-        self.path = path
-
-    def name(self, field: str) -> str:
-        """The setting as the user typed it, without location (used in hints)."""
-        if self.kind == "env":
-            return env_var_name(field)
-        if self.kind == "override":
-            return f"{OVERRIDES_NAME}.{field}"
-        return field
-
-    def label(self, field: str) -> str:
-        if self.kind == "file":
-            return f"{field} in {self.path}"
-        return self.name(field)
-
-    def describe(self, field: str, value: Any) -> str:
-        shown = repr(value)
-        if len(shown) > _MAX_VALUE_REPR:
-            shown = shown[:_MAX_VALUE_REPR - 3] + "..."
-        if self.kind == "file":
-            return f"{field}={shown} in {self.path} ({CONFIG_PATH_ENV})"
-        return f"{self.name(field)}={shown}"
-
-
-_DIRECT = _Source("direct")
 # Where each value passed to FlexKVSettings.__init__ came from (set by load_settings).
-_ORIGINS: contextvars.ContextVar[Mapping[str, _Source]] = contextvars.ContextVar(
+_ORIGINS: contextvars.ContextVar[Mapping[str, Source]] = contextvars.ContextVar(
     "dynamo_flexkv_config_origins", default={})
 
 
-def _suggest(key: Any) -> str:
-    if not isinstance(key, str):
-        return ""
-    import difflib
-
-    candidate = key.strip().lower()
-    if candidate.startswith(ENV_PREFIX.lower()):
-        candidate = candidate[len(ENV_PREFIX):]
-    if candidate in SETTING_NAMES:
-        return f"; did you mean {candidate!r}?"
-    close = difflib.get_close_matches(candidate, SETTING_NAMES, n=1, cutoff=0.75)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _unknown_keys(mapping: Mapping[Any, Any], where: str) -> list[str]:
-    allowed = ", ".join(SETTING_NAMES)
-    return [f"unknown key {key!r} in {where}{_suggest(key)} (allowed keys are {allowed})"
-            for key in mapping if key not in SETTING_NAMES]
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, line: int):
-        self.key, self.line = key, line
-
-
-def _unique_key_loader() -> type:
-    """PyYAML's SafeLoader, except that a mapping repeating a key is an error (not last-wins)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
-
-
-def _read_config_file(path: str) -> dict[Any, Any]:
-    where = f"{CONFIG_PATH_ENV}={path!r}"
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read the config file: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: the config file is not UTF-8 text") from None
-    if path.lower().endswith(".json"):
-        import json
-
-        def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            keys = [k for k, _ in pairs]
-            twice = sorted({k for k in keys if keys.count(k) > 1})
-            if twice:
-                raise ConfigError(f"{where}: key {twice[0]!r} appears more than once (which value did "
-                                  "you mean?)")
-            return dict(pairs)
-
-        try:
-            data = json.loads(text, object_pairs_hook=unique) if text.strip() else None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
-                              f"{exc.msg}") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
-        except _DuplicateKey as exc:
-            raise ConfigError(f"{where}: key {exc.key!r} appears more than once (line {exc.line}; "
-                              "which value did you mean?)") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the config file must hold a mapping of setting names to "
-                          f"values, not a {type(data).__name__}")
-    return data
+StartUpChecks = Callable[[FlexKVSettings], Iterable[tuple[str, str]]]
+"""Checks of valid settings against the machine (directories, free space, a store's URL): each problem
+is ``(setting, reason)``; ``{other_setting}`` in a reason names that setting as the user spelled it."""
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None,
-                  environ: Mapping[str, str] | None = None) -> FlexKVSettings:
+                  environ: Mapping[str, str] | None = None,
+                  checks: StartUpChecks | None = None) -> FlexKVSettings:
     """Build the settings from defaults < env vars < ``FLEXKV_CONFIG_PATH`` file < ``overrides``.
 
     ``overrides`` is the caller's ``kv_connector_extra_config`` dict (keys = setting names).
-    ``environ`` defaults to ``os.environ``. Raises :class:`ConfigError` listing every problem.
+    ``environ`` defaults to ``os.environ``. ``checks`` (start-up: `tiers.preflight.preflight`) run
+    once every value is valid. Raises :class:`ConfigError` listing every problem.
     """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    origins: dict[str, _Source] = {}
+    origins: dict[str, Source] = {}
     shadowed: list[str] = []
     problems: list[str] = []
 
-    def put(field: str, value: Any, source: _Source) -> None:
+    def put(field: str, value: Any, source: Source) -> None:
         if field in origins:
             shadowed.append(f"{origins[field].label(field)} is overridden by {source.label(field)}")
         values[field] = value
         origins[field] = source
 
-    def retired(mapping: Mapping[Any, Any], source: _Source) -> dict[Any, Any]:
-        """`mapping` without the retired settings; a retired one that is on is a problem."""
-        for field, why in _RETIRED.items():
-            if field in mapping and str(mapping[field]).strip().lower() not in _FALSE_WORDS:
-                problems.append(f"{source.describe(field, mapping[field])} is invalid: {why}")
-        return {k: v for k, v in mapping.items() if k not in _RETIRED}
+    def retired(mapping: Mapping[Any, Any], source: Source) -> dict[Any, Any]:
+        problems.extend(retired_problems(mapping, source))
+        return {k: v for k, v in mapping.items() if k not in RETIRED}
 
-    env_source = _Source("env")
-    retired({f: env[env_var_name(f)] for f in _RETIRED if env_var_name(f) in env}, env_source)
+    env_source = Source("env")
+    retired({f: env[env_var_name(f)] for f in RETIRED if env_var_name(f) in env}, env_source)
     for field in SETTING_NAMES:
         raw = env.get(env_var_name(field))
         if raw is not None and raw.strip():
@@ -693,9 +489,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     config_path = (env.get(CONFIG_PATH_ENV) or "").strip()
     if config_path:
         config_path = os.path.expanduser(config_path)
-        file_source = _Source("file", config_path)
-        file_values = retired(_read_config_file(config_path), file_source)
-        problems += _unknown_keys(file_values, f"{config_path} ({CONFIG_PATH_ENV})")
+        file_source = Source("file", config_path)
+        file_values = retired(read_config_file(config_path), file_source)
+        problems += unknown_keys(file_values, f"{config_path} ({CONFIG_PATH_ENV})", SETTING_NAMES)
         for key, value in file_values.items():
             if key in SETTING_NAMES:
                 put(key, value, file_source)
@@ -704,9 +500,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
         if not isinstance(overrides, Mapping):
             raise ConfigError(f"{OVERRIDES_NAME} must be a mapping of setting names to values, "
                               f"not a {type(overrides).__name__}")
-        override_source = _Source("override")
+        override_source = Source("override")
         overrides = retired(overrides, override_source)
-        problems += _unknown_keys(overrides, OVERRIDES_NAME)
+        problems += unknown_keys(overrides, OVERRIDES_NAME, SETTING_NAMES)
         for key, value in overrides.items():
             if key in SETTING_NAMES:
                 put(key, value, override_source)
@@ -718,6 +514,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
         raise ConfigError(problems + exc.problems) from None
     finally:
         _ORIGINS.reset(token)
+    for field, reason in checks(settings) if checks is not None else ():
+        problems.append(_problem_line(field, reason, values.get(field, getattr(settings, field)), origins))
     if problems:
         raise ConfigError(problems)
     for line in shadowed:
@@ -733,9 +531,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
 # pydantic ValidationError -> ConfigError
 
 
-def _allowed_text(field: str) -> str:
+def allowed_text(field: str) -> str:
     info = FlexKVSettings.model_fields[field]
-    literal = _literal_values(info.annotation)
+    literal = literal_values(info.annotation)
     if literal:
         return ", ".join(literal) + " (case-insensitive)"
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
@@ -747,20 +545,28 @@ def _allowed_text(field: str) -> str:
 
 
 def _expected(field: str) -> str:
-    literal = _literal_values(FlexKVSettings.model_fields[field].annotation)
+    literal = literal_values(FlexKVSettings.model_fields[field].annotation)
     if literal:
         return "allowed values are " + ", ".join(literal)
-    return "expected " + _allowed_text(field)
+    return "expected " + allowed_text(field)
 
 
-def _literal_values(annotation: Any) -> tuple[str, ...]:
+def literal_values(annotation: Any) -> tuple[str, ...]:
     if typing.get_origin(annotation) is Literal:
         return tuple(str(v) for v in typing.get_args(annotation))
     return ()
 
 
+def _problem_line(field: str, reason: str, value: Any, origins: Mapping[str, Source]) -> str:
+    """``<setting as written>=<value> is invalid: <reason>``, ``{other}`` in `reason` spelled the same way."""
+    source = origins.get(field, DIRECT)
+    for name in SETTING_NAMES:
+        reason = reason.replace("{" + name + "}", source.name(name))
+    return f"{source.describe(field, value)} is invalid: {reason}"
+
+
 def _convert_validation_error(exc: ValidationError, raw: Mapping[str, Any],
-                              origins: Mapping[str, _Source]) -> ConfigError:
+                              origins: Mapping[str, Source]) -> ConfigError:
     lines: list[str] = []
     seen: set[str] = set()
 
@@ -768,7 +574,7 @@ def _convert_validation_error(exc: ValidationError, raw: Mapping[str, Any],
         if field in seen:
             return
         seen.add(field)
-        lines.append(f"{origins.get(field, _DIRECT).describe(field, value)} is invalid: {reason}")
+        lines.append(_problem_line(field, reason, value, origins))
 
     for err in exc.errors(include_url=False):
         loc = err.get("loc") or ()
@@ -776,15 +582,11 @@ def _convert_validation_error(exc: ValidationError, raw: Mapping[str, Any],
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, _Problems):
             for problem in cause.problems:
-                source = origins.get(problem.field, _DIRECT)
-                reason = problem.reason
-                for name in SETTING_NAMES:
-                    reason = reason.replace("{" + name + "}", source.name(name))
-                add(problem.field, reason, raw.get(problem.field, problem.value))
+                add(problem.field, problem.reason, raw.get(problem.field, problem.value))
             continue
         if field is None or field not in SETTING_NAMES:
             if err.get("type") == "extra_forbidden":
-                lines.append(f"unknown setting {field!r}{_suggest(field)} "
+                lines.append(f"unknown setting {field!r}{suggest(field, SETTING_NAMES)} "
                              f"(allowed settings are {', '.join(SETTING_NAMES)})")
             else:
                 lines.append(err.get("msg", str(err)))
@@ -795,57 +597,3 @@ def _convert_validation_error(exc: ValidationError, raw: Mapping[str, Any],
             reason = _expected(field)
         add(field, reason, raw.get(field, err.get("input")))
     return ConfigError(lines or [str(exc).splitlines()[0]])
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference table for docs/configuration.md (scripts/gen_config_docs.py)
-
-
-def _type_text(field: str, annotation: Any) -> str:
-    if _literal_values(annotation):
-        return "string"
-    if annotation is bool:
-        return "boolean"
-    if set(typing.get_args(annotation)) == {Literal["auto"], bool}:
-        return "auto or boolean"
-    if annotation is int:
-        return "integer"
-    if annotation is float:
-        return "number (GiB)" if field.endswith("_gb") else "number"
-    if typing.get_origin(annotation) is tuple:
-        return "list of paths"
-    if annotation in (str, Optional[str]):
-        return "string"
-    return str(annotation)
-
-
-def _default_text(info: Any) -> str:
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    if "x-default" in extra:
-        return str(extra["x-default"])
-    default = info.default
-    if isinstance(default, bool):
-        return f"`{str(default).lower()}`"
-    if default is None:
-        return "unset"
-    return f"`{default}`"
-
-
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
-
-
-def settings_table_markdown() -> str:
-    """The settings reference as a Markdown table (no trailing newline)."""
-    rows = ["| Setting | Environment variable | Type | Default | Allowed values | Description |",
-            "|---|---|---|---|---|---|"]
-    for name, info in FlexKVSettings.model_fields.items():
-        rows.append("| " + " | ".join(_cell(c) for c in (
-            f"`{name}`",
-            f"`{env_var_name(name)}`",
-            _type_text(name, info.annotation),
-            _default_text(info),
-            _allowed_text(name),
-            info.description or "",
-        )) + " |")
-    return "\n".join(rows)

@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dynamo_flexkv.config import settings_table_markdown  # noqa: E402
+import typing  # noqa: E402
+from typing import Any, Literal, Optional  # noqa: E402
+
+from dynamo_flexkv.config import FlexKVSettings, allowed_text, env_var_name, literal_values  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "docs" / "configuration.md"
 BEGIN = "<!-- BEGIN GENERATED -->"
@@ -97,6 +100,56 @@ The table is generated from `dynamo_flexkv/config.py` by `scripts/gen_config_doc
 edit the model, not the table.
 
 """
+
+
+def _type_text(field: str, annotation: Any) -> str:
+    if literal_values(annotation):
+        return "string"
+    if annotation is bool:
+        return "boolean"
+    if set(typing.get_args(annotation)) == {Literal["auto"], bool}:
+        return "auto or boolean"
+    if annotation is int:
+        return "integer"
+    if annotation is float:
+        return "number (GiB)" if field.endswith("_gb") else "number"
+    if typing.get_origin(annotation) is tuple:
+        return "list of paths"
+    if annotation in (str, Optional[str]):
+        return "string"
+    return str(annotation)
+
+
+def _default_text(info: Any) -> str:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if "x-default" in extra:
+        return str(extra["x-default"])
+    default = info.default
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if default is None:
+        return "unset"
+    return f"`{default}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def settings_table_markdown() -> str:
+    """The settings reference as a Markdown table (no trailing newline)."""
+    rows = ["| Setting | Environment variable | Type | Default | Allowed values | Description |",
+            "|---|---|---|---|---|---|"]
+    for name, info in FlexKVSettings.model_fields.items():
+        rows.append("| " + " | ".join(_cell(c) for c in (
+            f"`{name}`",
+            f"`{env_var_name(name)}`",
+            _type_text(name, info.annotation),
+            _default_text(info),
+            allowed_text(name),
+            info.description or "",
+        )) + " |")
+    return "\n".join(rows)
 
 
 def generated_block() -> str:

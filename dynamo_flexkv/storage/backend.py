@@ -130,6 +130,28 @@ def backend_scheme(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else url.lower()
 
 
+# The shape every cluster-store URL of `remote_store` must have, named in its errors.
+STORE_URL_SHAPE = "expected mooncake://host:port or redis://host:port[/db]"
+
+
+def parse_store_url(url: str) -> tuple[str, str, int, str]:
+    """`remote_store` -> `(scheme, host, port, path)`, or a one-line ValueError saying what is wrong.
+
+    The setting's shape (scheme://host:port) is checked by config; the scheme must name a shared
+    backend of `BACKENDS`, and each store says what its path may be."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    scheme, path = parts.scheme.lower(), parts.path.strip("/")
+    if scheme not in BACKENDS or scheme == "ssd":
+        raise ValueError(f"{STORE_URL_SHAPE} (scheme {parts.scheme}:// is not supported)")
+    if scheme == "mooncake" and path:
+        raise ValueError(f"{STORE_URL_SHAPE}; a mooncake:// address has no path")
+    if scheme == "redis" and path and not path.isdigit():
+        raise ValueError(f"{STORE_URL_SHAPE}; the Redis db must be a number, got /{path}")
+    return scheme, parts.hostname or "", parts.port or 0, path
+
+
 def open_backend(scheme: str, layout: Mapping[str, Any], slot_bytes: int, settings: Any) -> TierBackend:
     """Open the backend registered for ``scheme`` with the instance's layout (what a stored block's
     bytes depend on: model, KV dtype, block size, TP...), its CPU-pool slot size and the settings

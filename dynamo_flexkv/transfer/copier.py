@@ -1,108 +1,58 @@
-"""Moves whole blocks between vLLM's paged KV cache and this rank's region of the CPU pool.
+"""The `Copier` protocol every block copier keeps, and `make_copier`, which picks one by the cache's device.
 
-A transfer is a batch of (vLLM block id, pool slot) pairs. It runs as one gather plus one scatter
-over all layers when the layout is uniform (see `KVCacheLayout.stacked`), otherwise as one gather
-and scatter per segment — never as a Python loop over blocks.
-
-`make_copier` picks the primitive by the cache's device: this module's `BlockCopier` for host-memory
-caches (or `ThreadedBlockCopier`, which completes them asynchronously on a background thread),
-`cuda.copier.CudaBlockCopier` (same interface, bus-speed copies on side streams) on CUDA.
+A copier moves whole blocks between vLLM's paged KV cache and this rank's region of the CPU pool:
+`transfer.host.BlockCopier` for host-memory caches (`ThreadedBlockCopier` completes them on a
+background thread), `transfer.cuda.copier.CudaBlockCopier` (bus-speed copies on side streams) on
+CUDA. The CUDA module builds on the host one (its fallback path), never the reverse, and this module
+imports the CUDA one only when the cache is on a CUDA device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
-from dynamo_flexkv.transfer.layerwise import FutureTransferHandle
+from dynamo_flexkv.transfer.host import BlockCopier, ThreadedBlockCopier
+from dynamo_flexkv.transfer.layerwise import LayerwiseLoad, TransferHandle
 
 
-class BlockCopier:
-    """Batched block copies for one TP rank (host-memory caches: the CPU build of vLLM)."""
-
-    def __init__(self, layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int):
-        self.layout = layout
-        self.rank = rank
-        if layout.stacked is not None:
-            pairs = [(layout.stacked, layout.stacked_shard_view(pool, geometry, rank))]
-        else:
-            pairs = list(zip(layout.segments, layout.shard_view(pool, geometry, rank)))
-        pairs = [_widened(cache, pool_view) for cache, pool_view in pairs]
-        self._cache_views = [cache for cache, _ in pairs]
-        self._pool_views = [pool_view for _, pool_view in pairs]
-        self.block_bytes = layout.shard_bytes
-
-    @staticmethod
-    def _index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
-        return torch.as_tensor(ids, dtype=torch.long, device=device)
+@runtime_checkable
+class Copier(Protocol):
+    layout: KVCacheLayout
+    block_bytes: int  # bytes of one block in this rank's region of a slot
 
     def save(self, block_ids: Sequence[int], slots: Sequence[int]) -> int:
-        """vLLM cache -> pool. Returns bytes moved."""
-        src = self._index(block_ids, self.layout.device)
-        dst = self._index(slots, torch.device("cpu"))
-        for cache, pool in zip(self._cache_views, self._pool_views):
-            pool.index_copy_(0, dst, cache.index_select(0, src).to("cpu"))
-        return len(block_ids) * self.block_bytes
+        """vLLM cache -> pool, blocking; returns the bytes moved."""
 
     def load(self, slots: Sequence[int], block_ids: Sequence[int]) -> int:
-        """Pool -> vLLM cache. Returns bytes moved."""
-        src = self._index(slots, torch.device("cpu"))
-        dst = self._index(block_ids, self.layout.device)
-        for cache, pool in zip(self._cache_views, self._pool_views):
-            cache.index_copy_(0, dst, pool.index_select(0, src).to(cache.device))
-        return len(block_ids) * self.block_bytes
+        """Pool -> vLLM cache, blocking; returns the bytes moved."""
 
+    def save_async(self, block_ids: Sequence[int], slots: Sequence[int]) -> TransferHandle:
+        """Cache -> pool, ordered after the work already queued; completes when the handle says so."""
 
-class ThreadedBlockCopier(BlockCopier):
-    """`BlockCopier` whose transfers run, in submission order, on one background thread: a transfer
-    completes after the call that started it returned, as on CUDA. Saves then overlap the next
-    forward pass, and the connector's completion paths run on the CPU build as they do on a GPU."""
+    def load_async(self, slots: Sequence[int], block_ids: Sequence[int]) -> TransferHandle:
+        """Pool -> cache, as one transfer."""
 
-    def __init__(self, layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int):
-        super().__init__(layout, pool, geometry, rank)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"flexkv-copy-rank{rank}")
-
-    def _submit(self, copy, *args) -> FutureTransferHandle:
-        nbytes = len(args[0]) * self.block_bytes
-        return FutureTransferHandle(self._thread.submit(copy, *args), nbytes, len(self.layout.layer_names))
-
-    def save_async(self, block_ids: Sequence[int], slots: Sequence[int]) -> FutureTransferHandle:
-        return self._submit(self.save, list(block_ids), list(slots))
-
-    def load_async(self, slots: Sequence[int], block_ids: Sequence[int]) -> FutureTransferHandle:
-        return self._submit(self.load, list(slots), list(block_ids))
-
-    def load_layerwise(self, slots: Sequence[int], block_ids: Sequence[int]) -> FutureTransferHandle:
-        return self.load_async(slots, block_ids)
+    def load_layerwise(self, slots: Sequence[int], block_ids: Sequence[int]) -> LayerwiseLoad:
+        """Pool -> cache, each layer ready on its own (transfer/layerwise.py)."""
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
-
-
-def _widened(cache: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same byte views as 8-, 4- or 2-byte elements where both allow it: index_select/index_copy_
-    move elements one by one on CPU, so uint8 views run ~10-30x slower than int64 views of the same
-    bytes (0.05-0.14 GB/s against 1.2-1.6 GB/s, measured)."""
-    for dtype in (torch.int64, torch.int32, torch.int16):
-        try:
-            return cache.view(dtype), pool.view(dtype)
-        except RuntimeError:
-            continue
-    return cache, pool
+        """Let submitted transfers finish and stop background threads."""
 
 
 def make_copier(
     layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int,
     cpu_async: bool = False, **cuda_options
-) -> BlockCopier:
+) -> Copier:
     """The copier for this rank's caches: `CudaBlockCopier` on a CUDA device, else `BlockCopier`
     (`ThreadedBlockCopier` with `cpu_async`).
 
-    `cuda_options` (method, issue, staging_bytes, max_programs, pin) only apply on CUDA. On CUDA the pool is
-    pinned here if nobody pinned it yet (`transfer.cuda.pinning.pin_host_memory`, idempotent).
+    `cuda_options` (method, issue, staging_bytes, max_programs, pin, batch_memcpy) only apply on CUDA.
+    On CUDA the pool is pinned here if nobody pinned it yet (`transfer.cuda.pinning.pin_host_memory`,
+    idempotent).
     """
     if layout.device.type == "cuda":
         from dynamo_flexkv.transfer.cuda.copier import CudaBlockCopier

@@ -33,9 +33,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from dynamo_flexkv.transfer.copier import Copier
 
 
 class TransferHandle:
@@ -219,22 +222,16 @@ class AllOf(TransferHandle):
         return self.nbytes
 
 
-def start_save(copier: Any, block_ids: Sequence[int], slots: Sequence[int]) -> TransferHandle:
-    """GPU/CPU cache -> pool, asynchronously where the copier can (CUDA)."""
-    if hasattr(copier, "save_async"):
-        return copier.save_async(block_ids, slots)
-    return TransferHandle(copier.save(block_ids, slots))
+def start_save(copier: Copier, block_ids: Sequence[int], slots: Sequence[int]) -> TransferHandle:
+    """GPU/CPU cache -> pool, asynchronously where the copier can (CUDA, `cpu_async_copies`)."""
+    return copier.save_async(block_ids, slots)
 
 
-def start_load(copier: Any, slots: Sequence[int], block_ids: Sequence[int]) -> TransferHandle:
-    """Pool -> GPU/CPU cache, asynchronously where the copier can (CUDA)."""
-    if hasattr(copier, "load_async"):
-        return copier.load_async(slots, block_ids)
-    return TransferHandle(copier.load(slots, block_ids))
+def start_load(copier: Copier, slots: Sequence[int], block_ids: Sequence[int]) -> TransferHandle:
+    """Pool -> GPU/CPU cache, asynchronously where the copier can."""
+    return copier.load_async(slots, block_ids)
 
 
-def start_layerwise_load(copier: Any, slots: Sequence[int], block_ids: Sequence[int]) -> LayerwiseLoad:
+def start_layerwise_load(copier: Copier, slots: Sequence[int], block_ids: Sequence[int]) -> LayerwiseLoad:
     """Pool -> cache, landing layer by layer on CUDA; a single whole copy on CPU."""
-    if hasattr(copier, "load_layerwise"):
-        return copier.load_layerwise(slots, block_ids)
-    return LayerwiseLoad(copier.load(slots, block_ids), len(copier.layout.layer_names))
+    return copier.load_layerwise(slots, block_ids)

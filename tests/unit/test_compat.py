@@ -39,9 +39,12 @@ def _config(mode_name: str):
 def test_auto_loads_layer_by_layer_only_without_full_cuda_graphs(mode, expected):
     from dynamo_flexkv.integration.vllm.compat import loads_layer_by_layer
 
-    assert loads_layer_by_layer("auto", _config(mode)) is expected
-    assert loads_layer_by_layer(True, _config(mode)) is True
-    assert loads_layer_by_layer(False, _config(mode)) is False
+    assert loads_layer_by_layer("auto", _config(mode), hybrid=False) is expected
+    assert loads_layer_by_layer(True, _config(mode), hybrid=False) is True
+    assert loads_layer_by_layer(False, _config(mode), hybrid=False) is False
+    # a hybrid model's hits always load between steps, whatever the setting
+    assert loads_layer_by_layer(True, _config(mode), hybrid=True) is False
+    assert loads_layer_by_layer("auto", _config(mode), hybrid=True) is False
 
 
 @pytest.mark.parametrize("extra, piecewise", [({}, False), ({"layerwise_load": "auto"}, False),

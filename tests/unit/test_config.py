@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import subprocess
 import sys
 from collections import namedtuple
@@ -21,13 +19,22 @@ from dynamo_flexkv.config import (
     ConfigError,
     FlexKVSettings,
     load_settings,
-    settings_table_markdown,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "configuration.md"
 GEN = ROOT / "scripts" / "gen_config_docs.py"
 ALL_KEYS = ", ".join(SETTING_NAMES)
+
+
+def settings_table_markdown() -> str:
+    """The table scripts/gen_config_docs.py renders (the renderer lives with the script, not the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_config_docs", GEN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.settings_table_markdown()
 
 
 def load(env=None, overrides=None):
@@ -112,9 +119,10 @@ def test_env_var_sets_field(var, raw, field, expected):
 def test_cuda_issue_values_are_the_copiers():
     from typing import get_args
 
-    from dynamo_flexkv.transfer.cuda.copier import ISSUE_MODES
+    from dynamo_flexkv.transfer.cuda.copier import ISSUE_MODES, METHODS
 
     assert get_args(config.CudaIssue) == ISSUE_MODES
+    assert get_args(config.CudaCopyMethod) == ("auto", *METHODS)
     with pytest.raises(ValueError, match="FLEXKV_CUDA_ISSUE.*caller"):
         load({"FLEXKV_CUDA_ISSUE": "later"})
 
@@ -288,11 +296,11 @@ def test_boolean_is_not_a_size():
     ("FLEXKV_SERVER_RECV_PORT", "/tmp/flexkv", "starting with ipc:// or tcp://"),
     ("FLEXKV_SERVER_RECV_PORT", "ipc://", "starting with ipc:// or tcp://"),
     ("FLEXKV_SERVER_RECV_PORT", "tcp://host", "tcp://host:port"),
-    ("FLEXKV_REMOTE_STORE", "http://h:1", "expected mooncake://host:port or redis://host:port[/db]"),
+    ("FLEXKV_REMOTE_STORE", "redis//h:1", "expected mooncake://host:port or redis://host:port[/db] (no scheme)"),
     ("FLEXKV_REMOTE_STORE", "redis://h", "host and port are required"),
     ("FLEXKV_REMOTE_STORE", "redis://h:70000", "port must be a number"),
-    ("FLEXKV_REMOTE_STORE", "redis://h:6379/x", "the Redis db must be a number"),
-    ("FLEXKV_REMOTE_STORE", "mooncake://h:1/x", "has no path"),
+    ("FLEXKV_CUDA_COPY_METHOD", "fast", "allowed values are auto, staged, batch, zerocopy, torch"),
+    ("FLEXKV_CUDA_BATCH_MEMCPY", "sometimes", "expected true or false"),
 ])
 def test_env_value_errors_name_setting_value_and_allowed(var, raw, allowed):
     msg = expect_error({var: raw})
@@ -387,50 +395,9 @@ def test_ssd_dirs_without_size_are_fine():
     assert not s.ssd_enabled and s.ssd_cache_dir == ("/does/not/exist",)
 
 
-def test_ssd_dir_must_exist_and_be_a_directory(tmp_path):
-    good, missing, afile = tmp_path / "good", tmp_path / "missing", tmp_path / "afile"
-    good.mkdir()
-    afile.write_text("x")
-    raw = f"{good};{missing}"
-    msg = expect_error({"FLEXKV_SSD_CACHE_GB": "0.01", "FLEXKV_SSD_CACHE_DIR": raw})
-    assert msg == f"FLEXKV_SSD_CACHE_DIR={raw!r} is invalid: {missing} does not exist"
-    msg = expect_error(overrides={"ssd_cache_gb": 0.01, "ssd_cache_dir": [str(afile)]})
-    assert msg == (f"kv_connector_extra_config.ssd_cache_dir=[{str(afile)!r}] is invalid: "
-                   f"{afile} is not a directory")
-
-
-def test_ssd_dir_must_be_writable(tmp_path, monkeypatch):
-    d = tmp_path / "ro"
-    d.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(d)
-                        else real_access(p, mode))
-    msg = expect_error({"FLEXKV_SSD_CACHE_GB": "0.01", "FLEXKV_SSD_CACHE_DIR": str(d)})
-    assert msg == f"FLEXKV_SSD_CACHE_DIR={str(d)!r} is invalid: {d} is not writable"
-
-
 def test_ssd_dir_listed_twice(tmp_path):
     msg = expect_error({"FLEXKV_SSD_CACHE_DIR": f"{tmp_path};{tmp_path}/"})
     assert f"is invalid: lists {tmp_path} more than once" in msg
-
-
-def test_ssd_size_must_fit_in_free_space(tmp_path):
-    msg = expect_error({"FLEXKV_SSD_CACHE_GB": "1e9", "FLEXKV_SSD_CACHE_DIR": str(tmp_path)})
-    free = shutil.disk_usage(tmp_path).free / GIB
-    assert msg.startswith("FLEXKV_SSD_CACHE_GB='1e9' is invalid: only ")
-    assert f"GiB is free in FLEXKV_SSD_CACHE_DIR ({tmp_path}: {free:.1f} GiB)" in msg
-
-
-def test_free_space_of_a_shared_filesystem_counts_once(tmp_path, monkeypatch):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 * GIB))
-    dirs = [str(a), str(b)]
-    assert load(overrides={"ssd_cache_gb": 9, "ssd_cache_dir": dirs}).ssd_cache_gb == 9
-    msg = expect_error(overrides={"ssd_cache_gb": 15, "ssd_cache_dir": dirs})
-    assert "only 10.0 GiB is free in kv_connector_extra_config.ssd_cache_dir" in msg
-    assert "a shared filesystem counts once" in msg
 
 
 def test_validation_allocates_nothing():

@@ -114,9 +114,10 @@ WARM_RESTART_ON_SMALL_DISK = """
 import sys
 from dynamo_flexkv.config import GIB, load_settings
 from dynamo_flexkv.storage.ssd.store import SsdBlockStore
+from dynamo_flexkv.tiers.preflight import preflight
 env = {"FLEXKV_SSD_CACHE_GB": str(12 / 1024), "FLEXKV_SSD_CACHE_DIR": sys.argv[1]}
 for run in range(3):  # the first start and two warm restarts, each validating its settings first
-    settings = load_settings(environ=env)
+    settings = load_settings(environ=env, checks=preflight)
     with SsdBlockStore(list(settings.ssd_cache_dir), settings.ssd_cache_bytes, 16384, {"m": 1}) as st:
         assert st.healthy, st.degraded_reason
 print("restarted", run)

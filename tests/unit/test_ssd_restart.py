@@ -62,7 +62,7 @@ def test_restart_announces_the_disk_tier_with_parents_and_tokens(instance):
     facts, settings = instance
     keys = chain(3)
     write_chain_to_disk(facts, settings, keys)
-    side = SchedulerSide(facts, settings, publish_events=True)
+    side = SchedulerSide(facts, settings, publish_events=True, layerwise=True)
     try:
         [event] = list(side.take_events())
         assert event.medium == "STORAGE" and event.parent_block_hash is None
@@ -80,7 +80,7 @@ def test_restored_chains_evict_their_tail_first_under_mru(instance):
     facts, settings = instance
     keys = chain(4)  # fills the 4-slot SSD tier
     write_chain_to_disk(facts, settings, keys)
-    side = SchedulerSide(facts, settings, publish_events=False)
+    side = SchedulerSide(facts, settings, publish_events=False, layerwise=True)
     try:
         ssd = side.engine.tiers[1]
         other = chain(5)[4:]  # one more block: something must go

@@ -16,8 +16,9 @@ import torch
 from dynamo_flexkv.storage.cpu.pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
 from dynamo_flexkv.transfer.cuda.pinning import PinningError, pin_host_memory
-from dynamo_flexkv.transfer.copier import BlockCopier, ThreadedBlockCopier, make_copier
-from dynamo_flexkv.transfer.cuda.copier import (
+from dynamo_flexkv.transfer.host import BlockCopier, ThreadedBlockCopier
+from dynamo_flexkv.transfer.copier import Copier, make_copier
+from dynamo_flexkv.transfer.cuda.segments import (
     SegmentTable,
     coalesce,
     group_layers,
@@ -106,7 +107,7 @@ def test_round_trip_bit_exact(pool_factory, kind, block_size, separate, world, r
     geometry = PoolGeometry(24, layout.shard_bytes, world)
     pool = pool_factory(geometry)
     copier = make_copier(layout, pool.tensor, geometry, rank)
-    assert type(copier) is BlockCopier
+    assert type(copier) is BlockCopier and isinstance(copier, Copier)
     rng = np.random.default_rng(7)
     perm = rng.permutation(NUM_BLOCKS)
     src, dst = perm[:12].tolist(), perm[12:24].tolist()
@@ -344,7 +345,7 @@ def test_threaded_copier_completes_after_the_call(pool_factory):
     layout = KVCacheLayout(caches, NUM_BLOCKS)
     geometry = PoolGeometry(16, layout.shard_bytes, 1)
     copier = make_copier(layout, pool_factory(geometry).tensor, geometry, 0, cpu_async=True)
-    assert type(copier) is ThreadedBlockCopier
+    assert type(copier) is ThreadedBlockCopier and isinstance(copier, Copier)
     src, dst, slots = [1, 5, 9], [2, 6, 10], [3, 0, 7]
     gate = threading.Event()
     copier._thread.submit(gate.wait, 5)  # hold the copy thread: the next transfers must queue

@@ -21,10 +21,13 @@ fail per block).
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+logger = logging.getLogger(__name__)
 
 # vLLM's BlockPool reserves block 0 as the null block: what a sliding-window group's table holds
 # for blocks outside its window. Never copied into or out of.
@@ -57,14 +60,19 @@ def untested_version_warning(version: str) -> str | None:
     return f"dynamo-flexkv is tested with vLLM 0.26-0.32; this is vLLM {version}: report problems with the version"
 
 
-def loads_layer_by_layer(setting: str | bool, vllm_config: Any) -> bool:
-    """Whether CPU-tier hits are loaded layer by layer inside the step (`layerwise_load`).
+def loads_layer_by_layer(setting: str | bool, vllm_config: Any, hybrid: bool) -> bool:
+    """Whether CPU-tier hits are loaded layer by layer inside the step: the one place `layerwise_load` is
+    decided, logged once; the scheduler role is handed the result.
 
     vLLM skips the per-layer waits of a step it replays as a full CUDA graph, so with `true` the
     connector asks vLLM for piecewise graphs (`requires_piecewise_for_cudagraph`), which cost decode
     speed: measured 0.62-0.67x on the H200 (docs/gpu.md). `auto` keeps vLLM's full graphs and loads
-    between steps whenever they are on; eager engines and the CPU build load layer by layer."""
-    if setting != "auto":
-        return bool(setting)
+    between steps whenever they are on; eager engines and the CPU build load layer by layer. A hybrid
+    model's hits (`hybrid`: several KV-cache groups, or a sliding window) are always loaded between
+    steps: a layer-wise load can only fail per block, which vLLM cannot map back to their requests."""
     mode = vllm_config.compilation_config.cudagraph_mode
-    return mode is None or not mode.has_full_cudagraphs()
+    wanted = bool(setting) if setting != "auto" else mode is None or not mode.has_full_cudagraphs()
+    resolved = wanted and not hybrid
+    why = "a hybrid model's hits load between steps" if wanted and hybrid else f"vLLM cudagraph_mode {mode}"
+    logger.info("layerwise_load=%s resolved to %s (%s)", setting, resolved, why)
+    return resolved

@@ -39,6 +39,7 @@ from dynamo_flexkv.integration.vllm.metadata import FlexKVStepMetadata
 from dynamo_flexkv.integration.vllm.stats import FlexKVPromMetrics, FlexKVStats
 from dynamo_flexkv.logs import configure_logging
 from dynamo_flexkv.storage.cpu.pool import claim_pool_owner, release_pool_owner
+from dynamo_flexkv.tiers.preflight import preflight
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_events import KVCacheEvent
@@ -79,8 +80,9 @@ def _composite_parents(own: KVTransferConfig) -> list[KVTransferConfig]:
 class FlexKVConnector(FlexKVConnectorV1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         KVConnectorBase_V1.__init__(self, vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        # Validate every setting first: a bad value fails here, before vLLM allocates its KV cache.
-        settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
+        # Validate every setting, and check them against the machine (SSD directories, the store's URL),
+        # first: a bad value fails here, before vLLM allocates its KV cache.
+        settings = load_settings(self._kv_transfer_config.kv_connector_extra_config, checks=preflight)
         configure_logging(settings.log_level)
         if (warning := untested_version_warning(vllm.__version__)) is not None:
             logger.warning(warning)
@@ -101,19 +103,18 @@ class FlexKVConnector(FlexKVConnectorV1, SupportsHMA):
 
             kv_events = vllm_config.kv_events_config
             publish = bool(kv_events and kv_events.enable_kv_cache_events)
-            layerwise = loads_layer_by_layer(settings.layerwise_load, vllm_config)
-            logger.info("layerwise_load=%s resolved to %s (vLLM cudagraph_mode %s)", settings.layerwise_load,
-                        layerwise, vllm_config.compilation_config.cudagraph_mode)
+            layerwise = loads_layer_by_layer(settings.layerwise_load, vllm_config, facts.hybrid)
             self._owner_lock = claim_pool_owner(facts.identity)  # held for the life of the process
-            self._scheduler = SchedulerSide(facts, settings.model_copy(update={"layerwise_load": layerwise}),
-                                            publish_events=publish)
+            self._scheduler = SchedulerSide(facts, settings, publish_events=publish, layerwise=layerwise)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             from dynamo_flexkv.integration.vllm.worker import WorkerSide
 
             self._worker = WorkerSide(facts, get_tensor_model_parallel_rank(), kv_cache_config.num_blocks,
-                                      cpu_async_copies=settings.cpu_async_copies, cuda_issue=settings.cuda_issue)
+                                      cpu_async_copies=settings.cpu_async_copies,
+                                      cuda_options={"issue": settings.cuda_issue, "method": settings.cuda_copy_method,
+                                                    "batch_memcpy": settings.cuda_batch_memcpy})
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -63,15 +63,13 @@ class _Tracked:
 
 
 class SchedulerSide:
-    def __init__(self, facts: InstanceFacts, settings: FlexKVSettings, publish_events: bool):
+    def __init__(self, facts: InstanceFacts, settings: FlexKVSettings, publish_events: bool, layerwise: bool):
+        """`layerwise`: CPU-tier hits load inside the step (decided once: `compat.loads_layer_by_layer`)."""
         self.identity = facts.identity
         self.block_size = facts.block_size
         self.groups = facts.groups
         self.hybrid = facts.hybrid
-        self.layerwise = settings.layerwise_load and not facts.hybrid
-        if settings.layerwise_load and facts.hybrid:
-            logger.info("KV-cache groups %s: hits are loaded between steps, not layer by layer",
-                        [g.kind for g in facts.groups])
+        self.layerwise = layerwise
         self.save_policy = settings.save_policy
         self.tp_size = int(facts.layout.get("tp_size", 1))
         self.tiers = TierStack(facts, settings, record_events=publish_events)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMet
 from dynamo_flexkv.integration.vllm.stats import FlexKVStats
 from dynamo_flexkv.storage.cpu.pool import CpuBlockPool
 from dynamo_flexkv.storage.layout import KVCacheLayout
-from dynamo_flexkv.transfer.copier import BlockCopier, make_copier
+from dynamo_flexkv.transfer.copier import Copier, make_copier
 from dynamo_flexkv.transfer.layerwise import (
     AllOf,
     TransferHandle,
@@ -77,14 +78,15 @@ def _finished_ok(handle: TransferHandle | None) -> bool:
 
 class WorkerSide:
     def __init__(self, facts: InstanceFacts, rank: int, num_blocks: int, cpu_async_copies: bool = False,
-                 cuda_issue: str = "caller"):
+                 cuda_options: dict[str, Any] | None = None):
+        """`cuda_options`: the CUDA copier's settings (`make_copier`): issue, method, batch_memcpy."""
         self.facts = facts
         self.rank = rank
         self.num_blocks = num_blocks
         self.cpu_async_copies = cpu_async_copies
-        self.cuda_issue = cuda_issue
+        self.cuda_options = dict(cuda_options or {})
         self.pool: CpuBlockPool | None = None
-        self.copiers: list[BlockCopier] = []  # one per KV-cache group
+        self.copiers: list[Copier] = []  # one per KV-cache group
         self._layer_index: dict[str, int] = {}
         self._in_flight: list[_InFlight] = []
         self._layerwise: list[_InFlight] = []  # handles are LayerwiseLoads
@@ -102,7 +104,7 @@ class WorkerSide:
         layouts = self._group_layouts(kv_caches)
         self.pool = CpuBlockPool(self.facts.identity, self.facts.geometry)
         self.copiers = [make_copier(layout, self.pool.tensor, self.facts.geometry, self.rank,
-                                    cpu_async=self.cpu_async_copies, issue=self.cuda_issue) for layout in layouts]
+                                    cpu_async=self.cpu_async_copies, **self.cuda_options) for layout in layouts]
         self._layer_index = {name: i for i, name in enumerate(layouts[0].layer_names)}
         logger.info(
             "worker ready: rank=%d groups=%d layers=%d block_bytes=%d copier=%s device=%s",
@@ -283,8 +285,6 @@ class WorkerSide:
         for t in self._in_flight:
             _finished_ok(t.handle)
         for copier in self.copiers:
-            close = getattr(copier, "close", None)
-            if close is not None:
-                close()
+            copier.close()
         if self.pool is not None:
             self.pool.unlink()

@@ -24,12 +24,25 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import xxhash
+
 from dynamo_flexkv.storage.private_files import ForeignFileError, lock_unheld, open_private
 
 logger = logging.getLogger(__name__)
 
 MAX_SEATS = 64
 DATA_FILE_GLOB = "flexkv-*.ssd"
+
+
+def canonical_identity(identity: Mapping[str, str | int]) -> tuple[dict[str, str | int], str]:
+    """The identity with sorted keys, and the hash that names its data files."""
+    out: dict[str, str | int] = {}
+    for k, v in identity.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"identity must map str to str|int, got {k!r}: {v!r}")
+        out[k] = v
+    canonical = dict(sorted(out.items()))
+    return canonical, xxhash.xxh3_64_hexdigest(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode())
 
 
 def claim_seat(directory: str, identity: Mapping[str, object]) -> tuple[int, int]:

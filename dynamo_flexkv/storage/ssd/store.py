@@ -33,30 +33,36 @@ verification) only while their batch is still pending.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock, TierIOStats
 from dynamo_flexkv.storage.private_files import ForeignFileError
-from dynamo_flexkv.storage.ssd.seats import reclaim_dead_files
+from dynamo_flexkv.storage.ssd.batches import (
+    Batch,
+    GroupCommit,
+    ScratchBuffers,
+    as_ints,
+    check_slots,
+    checked_request,
+    max_run_blocks,
+    plan_ops,
+)
+from dynamo_flexkv.storage.ssd.seats import canonical_identity, reclaim_dead_files
 from dynamo_flexkv.storage.ssd.engines import (
     ALIGN,
-    IOV_MAX,
     MAX_KEY_BYTES,
     FaultInjector,
     IoOp,
     SsdFile,
-    aligned_buffer,
     build_header,
     make_engine,
     record_bytes_for,
@@ -65,66 +71,12 @@ from dynamo_flexkv.storage.ssd.engines import (
 
 logger = logging.getLogger(__name__)
 
-_MAX_OP_BYTES = 8 << 20  # bytes per vectored syscall (adjacent slots are coalesced up to this)
-_META_FLUSH_DELAY_S = 0.05  # group-commit window of the metadata flusher
 DEFAULT_IO_TIMEOUT_S = 20.0
 
 
 @dataclass
 class SsdStats(TierIOStats):
     io_errors: int = 0  # failed syscalls (ops, not blocks)
-
-
-def _canonical_identity(identity: Mapping[str, str | int]) -> dict[str, str | int]:
-    out: dict[str, str | int] = {}
-    for k, v in identity.items():
-        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise ValueError(f"identity must map str to str|int, got {k!r}: {v!r}")
-        out[k] = v
-    return dict(sorted(out.items()))
-
-
-def _as_ints(seq: Sequence[int]) -> list[int]:
-    tolist = getattr(seq, "tolist", None)
-    return [int(x) for x in (tolist() if tolist is not None else seq)]
-
-
-@dataclass(eq=False)
-class _Batch:
-    id: int
-    write: bool
-    future: Future
-    ssd_slots: list[int]
-    keys: list[bytes]
-    gens: list[int]
-    sums: list[int]
-    ok: list[bool]
-    remaining: int
-    parents: list[bytes | None] = field(default_factory=list)
-    tokens: list[tuple[int, ...]] = field(default_factory=list)
-    deadline: float = 0.0
-    done: bool = False  # finalized (completed, or given up on by the watchdog): ignore late ops
-    errors: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class _ScratchBuffers:
-    """Page-aligned read buffers of one op's size, reused; at most one per op in flight."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
-        self._free: list = []
-        self._lock = threading.Lock()
-
-    def get(self):
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return aligned_buffer(self.nbytes)
-
-    def put(self, buf) -> None:
-        with self._lock:
-            self._free.append(buf)
 
 
 class SsdBlockStore:
@@ -163,9 +115,7 @@ class SsdBlockStore:
                              f"least {slot_bytes / 2**30:.6g}, or 0 to turn the SSD tier off")
         self.tokens_per_block = tokens_per_block
         self.record_bytes = record_bytes_for(tokens_per_block)
-        self.identity = _canonical_identity(identity)
-        ident_json = json.dumps(self.identity, sort_keys=True, separators=(",", ":"))
-        self.identity_hash = xxhash.xxh3_64_hexdigest(ident_json.encode())
+        self.identity, self.identity_hash = canonical_identity(identity)
         self.name = f"ssd[{self.identity_hash[:8]}]"
         self.healthy = True
         self.degraded_reason: str | None = None
@@ -176,7 +126,7 @@ class SsdBlockStore:
         self._lock = threading.Lock()  # slot state, stats, health, batch ids
         self._idle = threading.Condition(self._lock)
         self._watch = threading.Condition(self._lock)  # wakes the watchdog
-        self._pending: dict[int, _Batch] = {}  # batches not yet finalized, by id
+        self._pending: dict[int, Batch] = {}  # batches not yet finalized, by id
         self.io_timeout_s = io_timeout_s
         self._inflight = 0  # batches not yet finalized
         self._next_batch = 1
@@ -220,13 +170,8 @@ class SsdBlockStore:
             self._close_files()
             raise
         self.engine_name = self._engine.name
-        self._meta_cv = threading.Condition()
-        self._meta_pending = False
-        self._meta_stop = False
-        self._meta_thread = threading.Thread(target=self._flusher, name="flexkv-ssd-meta", daemon=True)
-        self._meta_thread.start()
-        max_run = max(1, min(IOV_MAX, _MAX_OP_BYTES // slot_bytes))
-        self._scratch = _ScratchBuffers(max_run * slot_bytes)
+        self._records = GroupCommit(self.flush, "flexkv-ssd-meta")
+        self._scratch = ScratchBuffers(max_run_blocks(slot_bytes) * slot_bytes)
         self._watchdog = threading.Thread(target=self._watch_batches, name="flexkv-ssd-watchdog", daemon=True)
         self._watchdog.start()
         n_valid = sum(k is not None for k in self._keys)
@@ -330,11 +275,11 @@ class SsdBlockStore:
         each) and, when given, each block's parent key and token ids (at most `tokens_per_block`),
         which `recover_blocks` returns after a restart. A block is readable only after its future
         reports it ok."""
-        pool_slots, ssd_slots, rows = self._validate(pool, pool_slots, ssd_slots)
+        pool_slots, ssd_slots, rows = checked_request(pool, pool_slots, ssd_slots, self.slot_bytes, self.num_slots)
         keys = [bytes(k) for k in keys]
         n = len(ssd_slots)
         parents = [None if p is None else bytes(p) for p in parents] if parents is not None else [None] * n
-        tokens = [tuple(_as_ints(t)) for t in tokens] if tokens is not None else [()] * n
+        tokens = [tuple(as_ints(t)) for t in tokens] if tokens is not None else [()] * n
         if not len(keys) == len(parents) == len(tokens) == n:
             raise ValueError(f"{len(keys)} keys, {len(parents)} parents, {len(tokens)} token lists "
                              f"for {n} blocks")
@@ -365,7 +310,7 @@ class SsdBlockStore:
                     keys: Sequence[bytes]) -> Future:
         """Copy SSD slots into pool rows; a block is ok only if the slot holds `key` and its data
         matches the checksum written with it."""
-        pool_slots, ssd_slots, rows = self._validate(pool, pool_slots, ssd_slots)
+        pool_slots, ssd_slots, rows = checked_request(pool, pool_slots, ssd_slots, self.slot_bytes, self.num_slots)
         keys = [bytes(k) for k in keys]
         if len(keys) != len(ssd_slots):
             raise ValueError(f"{len(keys)} keys for {len(ssd_slots)} blocks")
@@ -389,8 +334,8 @@ class SsdBlockStore:
     def invalidate(self, ssd_slots: Sequence[int]) -> None:
         """Forget the blocks in these slots (freed or about to be reused). Takes effect at once in
         memory; the zeroed records reach the disk with the next metadata flush (see module doc)."""
-        slots = _as_ints(ssd_slots)
-        self._check_slots(slots)
+        slots = as_ints(ssd_slots)
+        check_slots(slots, self.num_slots)
         with self._lock:
             for s in slots:
                 self._keys[s] = None
@@ -407,9 +352,7 @@ class SsdBlockStore:
                     self._keys[s] = None
                     self._set_record(s, None)
                 self._gens[s] += 1
-        with self._meta_cv:
-            self._meta_pending = True
-            self._meta_cv.notify()
+        self._records.commit()
 
     def recover(self) -> list[tuple[bytes, int]]:
         """(key, ssd_slot) of every block this store holds, oldest write first — after a warm
@@ -435,15 +378,12 @@ class SsdBlockStore:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=self.io_timeout_s + 1)
             self._watch.notify_all()
         self._engine.close(self.io_timeout_s)
-        with self._meta_cv:
-            self._meta_stop = True
-            self._meta_cv.notify()
-        self._meta_thread.join(self.io_timeout_s)
+        self._records.stop(self.io_timeout_s)
         self._watchdog.join(self.io_timeout_s)
         persist = threading.Thread(target=self._persist, name="flexkv-ssd-close", daemon=True)
         persist.start()
         persist.join(self.io_timeout_s)
-        if persist.is_alive() or self._meta_thread.is_alive():
+        if persist.is_alive() or self._records.thread.is_alive():
             self._degrade(f"metadata could not be persisted within {self.io_timeout_s:g} s at close",
                           disable=True)
             # A thread is stuck in a syscall on these fds: close them once it returns, if ever.
@@ -454,7 +394,7 @@ class SsdBlockStore:
 
     def _close_files_after(self, persist: threading.Thread) -> None:
         persist.join()
-        self._meta_thread.join()
+        self._records.thread.join()
         self._close_files()
 
     def _persist(self) -> None:
@@ -477,28 +417,6 @@ class SsdBlockStore:
             f.close()
         self._files = []
 
-    def _check_slots(self, slots: list[int]) -> None:
-        bad = [s for s in slots if not 0 <= s < self.num_slots]
-        if bad:
-            raise ValueError(f"SSD slots out of range [0, {self.num_slots}): {bad[:8]}")
-
-    def _validate(self, pool, pool_slots, ssd_slots):
-        arr = pool if isinstance(pool, np.ndarray) else pool.numpy()
-        if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != self.slot_bytes \
-                or not arr.flags.c_contiguous:
-            raise ValueError(f"pool must be a contiguous uint8 [num_slots, {self.slot_bytes}] array, "
-                             f"got {arr.dtype} {tuple(arr.shape)}")
-        if arr.ctypes.data % ALIGN:
-            raise ValueError(f"pool memory must be {ALIGN}-byte aligned for O_DIRECT (use an mmap)")
-        pool_slots, ssd_slots = _as_ints(pool_slots), _as_ints(ssd_slots)
-        if len(pool_slots) != len(ssd_slots):
-            raise ValueError(f"{len(pool_slots)} pool slots for {len(ssd_slots)} SSD slots")
-        self._check_slots(ssd_slots)
-        bad = [p for p in pool_slots if not 0 <= p < arr.shape[0]]
-        if bad:
-            raise ValueError(f"pool slots out of range [0, {arr.shape[0]}): {bad[:8]}")
-        return pool_slots, ssd_slots, arr
-
     def _fail_fast(self, n: int, write: bool) -> Future:
         with self._lock:
             if write:
@@ -509,7 +427,7 @@ class SsdBlockStore:
         fut.set_result(IoResult([False] * n, 0))
         return fut
 
-    def _new_batch(self, write, ssd_slots, keys, gens, sums) -> _Batch | None:
+    def _new_batch(self, write, ssd_slots, keys, gens, sums) -> Batch | None:
         """A registered in-flight batch, or None once close() has begun."""
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
@@ -519,7 +437,7 @@ class SsdBlockStore:
             bid = self._next_batch
             self._next_batch += 1
             self._inflight += 1
-            batch = _Batch(bid, write, fut, ssd_slots, keys, gens, sums, [False] * len(ssd_slots), 0,
+            batch = Batch(bid, write, fut, ssd_slots, keys, gens, sums, [False] * len(ssd_slots), 0,
                            deadline=time.monotonic() + self.io_timeout_s)
             self._pending[bid] = batch
             self._watch.notify()
@@ -544,9 +462,10 @@ class SsdBlockStore:
                 batch.errors.append(f"timed out after {self.io_timeout_s:g} s")
                 self._finalize(batch)
 
-    def _submit(self, batch: _Batch, rows: np.ndarray, todo: list[int], pool_slots: list[int]) -> None:
+    def _submit(self, batch: Batch, rows: np.ndarray, todo: list[int], pool_slots: list[int]) -> None:
         try:
-            ops = self._plan(batch, rows, todo, pool_slots)
+            ops = plan_ops(batch, rows, todo, pool_slots, self._files, self.slot_bytes,
+                           lambda op: self._scratch.lend(op, self.slot_bytes))
             batch.remaining = len(ops)
         except BaseException as exc:  # noqa: BLE001 - a registered batch must always finalize
             logger.exception("%s: batch %d: planning failed", self.name, batch.id)
@@ -556,44 +475,6 @@ class SsdBlockStore:
             self._finalize(batch)
             return
         self._engine.submit(ops, self._op_done)  # engines report every op, even when closed
-
-    def _plan(self, batch: _Batch, rows: np.ndarray, todo: list[int], pool_slots: list[int]) -> list[IoOp]:
-        """Coalesce blocks adjacent on disk into vectored ops (at most _MAX_OP_BYTES each)."""
-        order = sorted(todo, key=lambda i: (batch.ssd_slots[i] % self._n, batch.ssd_slots[i]))
-        max_run = max(1, min(IOV_MAX, _MAX_OP_BYTES // self.slot_bytes))
-        ops: list[IoOp] = []
-        run: list[int] = []
-
-        def flush() -> None:
-            f, local = self._locate(batch.ssd_slots[run[0]])
-            bufs = [memoryview(rows[pool_slots[i]]) for i in run]
-            # ctx: the batch, its block indices, the pool rows, the scratch buffer of a read
-            op = IoOp(batch.write, f.fd, str(f.path), f.data_off + local * self.slot_bytes, bufs,
-                      len(run) * self.slot_bytes, ctx=[batch, list(run), bufs, None])
-            op.before = (lambda op=op: self._hash_op(op)) if batch.write else (lambda op=op: self._use_scratch(op))
-            ops.append(op)
-
-        for i in order:
-            if run and (batch.ssd_slots[i] != batch.ssd_slots[run[-1]] + self._n or len(run) >= max_run):
-                flush()
-                run = []
-            run.append(i)
-        if run:
-            flush()
-        return ops
-
-    @staticmethod
-    def _hash_op(op: IoOp) -> None:
-        batch, idx = op.ctx[0], op.ctx[1]
-        for i, buf in zip(idx, op.bufs):
-            batch.sums[i] = xxh(buf)
-
-    def _use_scratch(self, op: IoOp) -> None:
-        """Point a read at a scratch buffer (on the I/O thread, right before its syscall)."""
-        buf = self._scratch.get()
-        op.ctx[3] = buf
-        view = memoryview(buf)
-        op.bufs = [view[k * self.slot_bytes:(k + 1) * self.slot_bytes] for k in range(len(op.ctx[1]))]
 
     def _op_done(self, op: IoOp, err: BaseException | None) -> None:
         batch, idx, rows, scratch = op.ctx
@@ -630,7 +511,7 @@ class SsdBlockStore:
         if last:
             self._finalize(batch)
 
-    def _corrupt(self, batch: _Batch, i: int) -> None:
+    def _corrupt(self, batch: Batch, i: int) -> None:
         s = batch.ssd_slots[i]
         with self._lock:
             if self._gens[s] != batch.gens[i]:
@@ -646,7 +527,7 @@ class SsdBlockStore:
             logger.warning("%s: checksum mismatch in slot %d (%s block %d, key %s): treated as a miss",
                            self.name, s, f.path, local, batch.keys[i].hex())
 
-    def _finalize(self, batch: _Batch) -> None:
+    def _finalize(self, batch: Batch) -> None:
         """Complete the batch's future, once: when its last op reports, or at its deadline."""
         with batch.lock:
             if batch.done:
@@ -682,7 +563,7 @@ class SsdBlockStore:
             if self._inflight == 0:
                 self._idle.notify_all()
 
-    def _commit_write(self, batch: _Batch) -> None:
+    def _commit_write(self, batch: Batch) -> None:
         """Data is on disk: publish the records in memory; the flusher persists them."""
         if not self._check_files():
             batch.errors.append(self.degraded_reason or "store disabled")
@@ -700,24 +581,7 @@ class SsdBlockStore:
                 self._keys[s], self._sums[s], self._seqs[s] = batch.keys[i], batch.sums[i], seq
                 self._parents[s], self._tokens[s] = batch.parents[i], batch.tokens[i]
                 self._set_record(s, batch.keys[i], batch.sums[i], seq, batch.parents[i], batch.tokens[i])
-        with self._meta_cv:
-            self._meta_pending = True
-            self._meta_cv.notify()
-
-    def _flusher(self) -> None:
-        """Group commit of metadata: writes every dirty record page, batching all the commits that
-        arrived while the previous flush ran. A block is readable (in this process) as soon as its
-        write completes; its record reaches the disk here, shortly after (see module docstring)."""
-        while True:
-            with self._meta_cv:
-                self._meta_cv.wait_for(lambda: self._meta_pending or self._meta_stop)
-                # Let commits gather for a moment: with scattered slots every commit dirties its
-                # own 4 KiB page, and one flush per batch would add a random write per block.
-                self._meta_cv.wait_for(lambda: self._meta_stop, timeout=_META_FLUSH_DELAY_S)
-                if self._meta_stop:
-                    return
-                self._meta_pending = False
-            self.flush()
+        self._records.commit()
 
     def flush(self) -> bool:
         """Write all dirty metadata pages now. False (store degraded, one log line) on failure."""

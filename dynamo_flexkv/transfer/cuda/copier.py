@@ -25,7 +25,7 @@ blocks the issuing thread until the GPU has worked through most of them; the sta
 a layer's rows over consecutive slots as one 2D copy, so a 32k-token layer-wise load is issued in
 ~8 ms.
 
-Methods (`method=` or FLEXKV_CUDA_COPY_METHOD; docs/gpu-data-plane.md has every figure):
+Methods (`method=`, the setting `cuda_copy_method`; docs/gpu-data-plane.md has every figure):
 - "staged" (default): a Triton gather of a chunk of blocks (all layers; one layer group for a
   layer-wise load) into a 64 MiB device staging buffer, then one `cuMemcpyBatchAsync` of whole rows
   into the pinned pool slots, and the reverse (copy, then scatter) for loads. A ring of staging
@@ -41,27 +41,26 @@ Methods (`method=` or FLEXKV_CUDA_COPY_METHOD; docs/gpu-data-plane.md has every 
 - "torch": BlockCopier's own index_select / index_copy_ path through pageable memory (0.02-0.07).
   Used when the pool could not be pinned.
 
-`cuMemcpyBatchAsync` (CUDA >= 12.8 driver) is called through ctypes on libcuda, looked up with
-`cuGetProcAddress` for the ABI of the running driver (CUDA 13 dropped its `failIdx` argument). On an
-older driver "staged" and "batch" issue one `cuMemcpyAsync` per (coalesced) copy instead.
+`cuMemcpyBatchAsync` (CUDA >= 12.8 driver) is called through ctypes on libcuda (batch_memcpy.py). On
+an older driver, or with the setting `cuda_batch_memcpy` off, "staged" and "batch" issue one
+`cuMemcpyAsync` per (coalesced) copy instead. The plans are built in segments.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import queue
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dynamo_flexkv.storage.layout import KVCacheLayout, PoolGeometry
-from dynamo_flexkv.transfer.cuda.pinning import CudaDriver, PinnedRegion, find_pinned_region, pin_host_memory
-from dynamo_flexkv.transfer.copier import BlockCopier
+from dynamo_flexkv.transfer.cuda.batch_memcpy import BatchMemcpy, memcpy_2d_async, memcpy_each_async
+from dynamo_flexkv.transfer.cuda.pinning import PinnedRegion, find_pinned_region, pin_host_memory
+from dynamo_flexkv.transfer.cuda.segments import SegmentTable, coalesce, group_layers, layer_segment_ranges
+from dynamo_flexkv.transfer.host import BlockCopier
 from dynamo_flexkv.transfer.layerwise import CudaLayerwiseLoad, CudaTransferHandle
 
 logger = logging.getLogger(__name__)
@@ -69,9 +68,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("staged", "batch", "zerocopy", "torch")
 # Fastest first, as measured on the lent H200 (docs/gpu-data-plane.md); the first available one wins.
 PREFERRED_METHODS = ("staged", "batch", "zerocopy", "torch")
-METHOD_ENV = "FLEXKV_CUDA_COPY_METHOD"
 ISSUE_MODES = ("caller", "thread", "caller-loads")  # the setting cuda_issue (config.CudaIssue)
-NO_BATCH_ENV = "FLEXKV_CUDA_NO_BATCH_MEMCPY"  # test the per-copy fallback (drivers before CUDA 12.8)
 DEFAULT_STAGING_BYTES = 64 << 20  # per buffer; two per direction
 DEFAULT_MAX_BATCH = 2048  # copies per cuMemcpyBatchAsync call
 # A layer-wise load moves one layer's bytes of every block as one row per block. Host-to-device copies
@@ -81,230 +78,6 @@ DEFAULT_MAX_BATCH = 2048  # copies per cuMemcpyBatchAsync call
 LAYER_GROUP_MIN_BYTES = 64 << 10
 # runs of at least this many consecutive slots are copied as one 2D copy (staged method)
 MIN_2D_RUN = 8
-_CU_MEMORYTYPE_UNIFIED = 4
-_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 0x1
-_CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 0x1
-
-
-# --------------------------------------------------------------------------------------------------
-# Planning (pure numpy: also exercised on CPU by the unit tests)
-
-
-def layer_segment_ranges(layout: KVCacheLayout) -> list[tuple[int, int]]:
-    """`[(first_segment, end_segment)]` per layer, in `layout.layer_names` order."""
-    counts = getattr(layout, "layer_segment_counts", None)
-    if counts is None:
-        num_layers, num_segments = len(layout.layer_names), len(layout.segments)
-        if num_segments % num_layers:
-            raise ValueError(
-                f"{num_segments} segments over {num_layers} layers: cannot tell which segments belong to "
-                "which layer (mixed layer kinds need KVCacheLayout.layer_segment_counts)"
-            )
-        counts = [num_segments // num_layers] * num_layers
-    bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
-    return [(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
-
-
-@dataclass(frozen=True)
-class SegmentTable:
-    """Where every segment of every block lives, as byte addresses: the input of every plan."""
-
-    seg_addr: np.ndarray  # int64 [S]: address of segment s of block 0
-    seg_stride: np.ndarray  # int64 [S]: bytes between consecutive blocks of segment s
-    seg_bytes: np.ndarray  # int64 [S]
-    seg_row_off: np.ndarray  # int64 [S + 1]: offset of segment s inside a shard (and the shard size)
-    pool_base: int  # address of this layout's part of this rank's shard in slot 0
-    slot_bytes: int
-    num_blocks: int
-    num_slots: int
-
-    @classmethod
-    def build(cls, layout: KVCacheLayout, pool: torch.Tensor, geometry: PoolGeometry, rank: int) -> SegmentTable:
-        if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.stride(1) != 1 or pool.stride(0) != geometry.slot_bytes:
-            raise ValueError(
-                f"the pool must be a [num_slots, {geometry.slot_bytes}] uint8 tensor with contiguous slots, "
-                f"got {tuple(pool.shape)} {pool.dtype} strides {pool.stride()}"
-            )
-        if not 0 <= rank < geometry.world_size:
-            raise ValueError(f"rank {rank} outside a world of {geometry.world_size}")
-        segs = layout.segments
-        seg_bytes = np.array(layout.segment_bytes, dtype=np.int64)
-        return cls(
-            seg_addr=np.array([s.data_ptr() for s in segs], dtype=np.int64),
-            seg_stride=np.array([s.stride(0) * s.element_size() for s in segs], dtype=np.int64),
-            seg_bytes=seg_bytes,
-            seg_row_off=np.concatenate(([0], np.cumsum(seg_bytes))).astype(np.int64),
-            pool_base=pool.data_ptr() + rank * geometry.shard_stride + layout.shard_offset,
-            slot_bytes=geometry.slot_bytes,
-            num_blocks=layout.num_blocks,
-            num_slots=pool.shape[0],
-        )
-
-    def pairs(self, block_ids: Sequence[int], slots: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Validated int64 arrays (raw addresses follow from them: an id out of range would corrupt memory)."""
-        blocks = np.asarray(block_ids, dtype=np.int64).reshape(-1)
-        slot_arr = np.asarray(slots, dtype=np.int64).reshape(-1)
-        if blocks.shape != slot_arr.shape:
-            raise ValueError(f"{blocks.size} block ids but {slot_arr.size} slots")
-        if blocks.size:
-            if blocks.min() < 0 or blocks.max() >= self.num_blocks:
-                raise IndexError(f"block id out of range [0, {self.num_blocks})")
-            if slot_arr.min() < 0 or slot_arr.max() >= self.num_slots:
-                raise IndexError(f"slot out of range [0, {self.num_slots})")
-        return blocks, slot_arr
-
-    def segment_entries(
-        self, to_pool: bool, blocks: np.ndarray, slots: np.ndarray, lo: int, hi: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(dst, src, size) of one copy per (pair, segment in [lo, hi)), pair-major."""
-        seg = slice(lo, hi)
-        cache = self.seg_addr[seg][None, :] + blocks[:, None] * self.seg_stride[seg][None, :]
-        pool = self.pool_base + slots[:, None] * self.slot_bytes + self.seg_row_off[lo:hi][None, :]
-        size = np.broadcast_to(self.seg_bytes[seg][None, :], cache.shape)
-        dst, src = (pool, cache) if to_pool else (cache, pool)
-        return dst.ravel(), src.ravel(), np.ascontiguousarray(size).ravel()
-
-    def row_entries(
-        self, to_pool: bool, rows_base: int, slots: np.ndarray, lo: int, hi: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(dst, src, size) between consecutive staging rows (segments [lo, hi) packed) and pool slots."""
-        row_bytes = int(self.seg_row_off[hi] - self.seg_row_off[lo])
-        rows = rows_base + np.arange(slots.size, dtype=np.int64) * row_bytes
-        pool = self.pool_base + slots * self.slot_bytes + self.seg_row_off[lo]
-        size = np.full(slots.size, row_bytes, dtype=np.int64)
-        return (pool, rows, size) if to_pool else (rows, pool, size)
-
-
-def group_layers(
-    layer_segments: Sequence[tuple[int, int]], seg_row_off: np.ndarray, min_bytes: int
-) -> list[tuple[int, int, list[int]]]:
-    """Consecutive layers merged until each group's row (bytes per block) reaches `min_bytes`:
-    `[(first_segment, end_segment, [layer indices])]`."""
-    groups: list[tuple[int, int, list[int]]] = []
-    for layer, (lo, hi) in enumerate(layer_segments):
-        if groups and int(seg_row_off[groups[-1][1]] - seg_row_off[groups[-1][0]]) < min_bytes:
-            first, _, layers = groups[-1]
-            groups[-1] = (first, hi, layers + [layer])
-        else:
-            groups.append((lo, hi, [layer]))
-    if len(groups) > 1 and int(seg_row_off[groups[-1][1]] - seg_row_off[groups[-1][0]]) < min_bytes:
-        (first, _, layers), (_, end, tail) = groups[-2], groups[-1]  # a short tail joins its neighbour
-        groups[-2:] = [(first, end, layers + tail)]
-    return groups
-
-
-def coalesce(
-    dst: np.ndarray, src: np.ndarray, size: np.ndarray, barrier: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge runs of copies that continue each other on both sides (and share a `barrier` value)."""
-    if size.size <= 1:
-        return dst, src, size
-    follows = (src[1:] == src[:-1] + size[:-1]) & (dst[1:] == dst[:-1] + size[:-1])
-    if barrier is not None:
-        follows &= barrier[1:] == barrier[:-1]
-    if follows.all() if follows.size else True:
-        return dst[:1], src[:1], np.array([size.sum()], dtype=size.dtype)
-    starts = np.flatnonzero(np.concatenate(([True], ~follows)))
-    return dst[starts], src[starts], np.add.reduceat(size, starts)
-
-
-def memmove_entries(dst: np.ndarray, src: np.ndarray, size: np.ndarray) -> None:
-    """Execute a plan with host memmove: the reference executor for plans over CPU memory (tests)."""
-    for d, s, n in zip(dst.tolist(), src.tolist(), size.tolist()):
-        ctypes.memmove(d, s, n)
-
-
-# --------------------------------------------------------------------------------------------------
-# cuMemcpyBatchAsync
-
-
-class _Memcpy2D(ctypes.Structure):
-    """CUDA_MEMCPY2D."""
-
-    _fields_ = [
-        ("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
-        ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
-        ("srcPitch", ctypes.c_size_t),
-        ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
-        ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
-        ("dstPitch", ctypes.c_size_t),
-        ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t),
-    ]
-
-
-class _MemLocation(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _MemcpyAttributes(ctypes.Structure):
-    _fields_ = [
-        ("srcAccessOrder", ctypes.c_int),
-        ("srcLocHint", _MemLocation),
-        ("dstLocHint", _MemLocation),
-        ("flags", ctypes.c_uint),
-    ]
-
-
-class BatchMemcpy:
-    """`cuMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs[, failIdx], stream)`."""
-
-    _instance: BatchMemcpy | None = None
-    _probed = False
-    _lock = threading.Lock()
-
-    def __init__(self, driver: CudaDriver):
-        self.driver = driver
-        vp, sz = ctypes.c_void_p, ctypes.c_size_t
-        if driver.version >= 13000:
-            addr = driver.proc_address("cuMemcpyBatchAsync", 13000)
-            proto = ctypes.CFUNCTYPE(ctypes.c_int, vp, vp, vp, sz, vp, vp, sz, vp)
-            self.with_fail_idx = False
-        elif driver.version >= 12080:
-            addr = driver.proc_address("cuMemcpyBatchAsync", 12080)
-            proto = ctypes.CFUNCTYPE(ctypes.c_int, vp, vp, vp, sz, vp, vp, sz, vp, vp)
-            self.with_fail_idx = True
-        else:
-            addr = 0
-        if not addr:
-            raise RuntimeError(f"cuMemcpyBatchAsync is not available (driver CUDA version {driver.version})")
-        self._fn = proto(addr)
-        self._attr_idx = (ctypes.c_size_t * 1)(0)
-
-    @classmethod
-    def get(cls) -> BatchMemcpy | None:
-        with cls._lock:
-            if not cls._probed:
-                cls._probed = True
-                if os.environ.get(NO_BATCH_ENV):
-                    logger.info("cuMemcpyBatchAsync disabled by %s: one cuMemcpyAsync per copy", NO_BATCH_ENV)
-                    return None
-                try:
-                    cls._instance = cls(CudaDriver.get())
-                except Exception as exc:  # no driver entry point: the other methods still work
-                    logger.info("cuMemcpyBatchAsync unavailable: %s", exc)
-            return cls._instance
-
-    def __call__(
-        self, dst: np.ndarray, src: np.ndarray, size: np.ndarray, stream: int, device_index: int,
-        flags: int = _CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE,
-    ) -> None:
-        count = int(size.size)
-        if count == 0:
-            return
-        self.driver.ensure_context(device_index)
-        d = np.ascontiguousarray(dst, dtype=np.uint64)
-        s = np.ascontiguousarray(src, dtype=np.uint64)
-        n = np.ascontiguousarray(size, dtype=np.uint64)
-        attrs = _MemcpyAttributes(_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM, _MemLocation(0, 0), _MemLocation(0, 0), flags)
-        args = [d.ctypes.data, s.ctypes.data, n.ctypes.data, count, ctypes.addressof(attrs),
-                ctypes.addressof(self._attr_idx), 1]
-        fail = ctypes.c_size_t(0)
-        if self.with_fail_idx:
-            args.append(ctypes.addressof(fail))
-        args.append(stream)
-        code = self._fn(*args)
-        if code != 0:
-            self.driver.check(code, f"cuMemcpyBatchAsync({count} copies)")
 
 
 def _triton_kernels():
@@ -369,7 +142,7 @@ class CudaBlockCopier(BlockCopier):
         geometry: PoolGeometry,
         rank: int,
         *,
-        method: str | None = None,
+        method: str = "auto",
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         staging_buffers: int = 2,
         load_staging_buffers: int = 4,
@@ -378,6 +151,7 @@ class CudaBlockCopier(BlockCopier):
         load_priority: int = -100,
         pin: bool = True,
         issue: str = "caller",
+        batch_memcpy: bool = True,
     ):
         if layout.device.type != "cuda":
             raise ValueError(f"CudaBlockCopier needs a KV cache on a CUDA device, got {layout.device}")
@@ -396,12 +170,12 @@ class CudaBlockCopier(BlockCopier):
         self.pinned: PinnedRegion | None = find_pinned_region(pool.data_ptr(), pool.numel())
         if self.pinned is None and pin:
             self.pinned = pin_host_memory(pool, device=self.device)
-        self._batch = BatchMemcpy.get()
+        self._batch = BatchMemcpy.get() if batch_memcpy else None
         self._tk = _triton_kernels()
         self._kernel_ok = self._tk is not None and self._kernel_layout_ok()
         if self._kernel_ok:
             self._prepare_kernel_tables(max_programs)
-        self.method = self._resolve_method(method or os.environ.get(METHOD_ENV) or None)
+        self.method = self._resolve_method(method)
 
         self._save_copy = torch.cuda.Stream(self.device)
         self._load_copy = torch.cuda.Stream(self.device)
@@ -461,9 +235,9 @@ class CudaBlockCopier(BlockCopier):
         out.append("torch")
         return out
 
-    def _resolve_method(self, method: str | None) -> str:
+    def _resolve_method(self, method: str) -> str:
         available = self.available_methods()
-        if method is not None:
+        if method != "auto":
             if method not in METHODS:
                 raise ValueError(f"unknown copy method {method!r}; choose one of {METHODS}")
             if method in available:
@@ -594,10 +368,7 @@ class CudaBlockCopier(BlockCopier):
     def _batch_entries(self, stream, dst, src, size):
         dst, src, size = coalesce(dst, src, size, self._pinned_chunks(dst, src))
         if self._batch is None:
-            drv = CudaDriver.get()
-            drv.ensure_context(self.device_index)
-            for d, s, n in zip(dst.tolist(), src.tolist(), size.tolist()):
-                drv.check(drv.lib.cuMemcpyAsync(d, s, n, stream.cuda_stream), "cuMemcpyAsync")
+            memcpy_each_async(dst, src, size, stream.cuda_stream, self.device_index)
             return
         for i in range(0, size.size, self._max_batch):
             j = i + self._max_batch
@@ -737,9 +508,4 @@ class CudaBlockCopier(BlockCopier):
             self._batch_entries(stream, dst[short], src[short], size[short])
 
     def _copy_2d(self, stream, dst, dst_pitch, src, src_pitch, width, height) -> None:
-        drv = CudaDriver.get()
-        drv.ensure_context(self.device_index)
-        copy = _Memcpy2D(srcMemoryType=_CU_MEMORYTYPE_UNIFIED, srcDevice=src, srcPitch=src_pitch,
-                         dstMemoryType=_CU_MEMORYTYPE_UNIFIED, dstDevice=dst, dstPitch=dst_pitch,
-                         WidthInBytes=width, Height=height)
-        drv.check(drv.lib.cuMemcpy2DAsync_v2(ctypes.byref(copy), stream.cuda_stream), f"cuMemcpy2DAsync({height} rows)")
+        memcpy_2d_async(stream.cuda_stream, self.device_index, dst, dst_pitch, src, src_pitch, width, height)

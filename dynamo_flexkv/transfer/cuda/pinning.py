@@ -10,6 +10,13 @@ package): driver calls report their errors as return codes and, unlike runtime c
 "last error" behind that a later, unrelated PyTorch kernel launch would raise. Where libcuda cannot
 be loaded, registration falls back to `torch.cuda.cudart().cudaHostRegister`.
 
+Why not NVIDIA's `cuda-bindings` (cuda-python), which covers these calls: its wheels are built per
+CUDA major version (12.9.x for CUDA 12 drivers, 13.x for CUDA 13; 7.6 and 8.4 MB, plus
+`cuda-pathfinder`), and the ABI of a call such as `cuMemcpyBatchAsync` differs between the two, so
+one requirement of this package cannot serve torch's cu12x and cu13x builds on every supported driver
+without extras the user must pick by hand. The dozen calls used here, resolved with
+`cuGetProcAddress` for the running driver's ABI, serve every driver from one wheel.
+
 Registration runs in chunks (1 GiB by default, a whole number of pool slots each, so no slot ever
 straddles two registrations) on a few threads: pinning commits and locks every page, which for a pool
 of tens of GiB takes seconds, and the chunks let that proceed in parallel.
