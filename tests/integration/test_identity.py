@@ -5,7 +5,8 @@ A rolling update replaces the weight files behind one path with a checkpoint of 
 (here: the tiny model drawn under another seed, copied over with the old files' mtimes). An engine
 on that path must then find none of the old weights' KV in the cluster or SSD tier and answer as a
 fresh engine on the new weights does; an identical checkpoint at another path (another node's copy)
-still shares.
+still shares. Likewise a restart with another fp8 KV format (all are stored as uint8) never
+reinterprets the other format's bytes.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def node_engine(model: Path, store, node: int) -> EngineHost:
     return EngineHost(str(model), {**ENGINE, "kv_transfer_config": COMPAT_CONFIG}, env=env, netns=network.nodes[node])
 
 
-def ssd_engine(model: Path, ssd_dir: Path) -> EngineHost:
+def ssd_engine(model: Path, ssd_dir: Path, **engine) -> EngineHost:
     env = {"FLEXKV_CPU_CACHE_GB": CPU_GB, "FLEXKV_SSD_CACHE_GB": SSD_GB, "FLEXKV_SSD_CACHE_DIR": str(ssd_dir)}
-    return EngineHost(str(model), {**ENGINE, "kv_transfer_config": COMPAT_CONFIG}, env=env)
+    return EngineHost(str(model), {**ENGINE, **engine, "kv_transfer_config": COMPAT_CONFIG}, env=env)
 
 
 def store_namespaces(store) -> set[str]:
@@ -141,3 +142,26 @@ def test_weights_swapped_behind_one_path_never_load_the_old_weights_kv(tiny_mode
     assert state["engine_stats"]["hit_blocks"].get(tier, 0) == 0, state
     if tier == "REDIS":  # the new weights' KV went to a namespace of its own, beside the old one
         assert len(store_namespaces(redis_store) - namespaces_before) == 1
+
+
+@pytest.mark.correctness("KV dtype changed (--kv-cache-dtype fp8_e4m3 -> fp8_e5m2, both stored as uint8)",
+                         "recompute: zero hits on the SSD files of the other format; tokens identical to a fresh "
+                         "engine with the new format")
+def test_a_restart_with_another_fp8_format_never_reinterprets_the_stored_bytes(tiny_model, tmp_path):
+    prompts = make_prompts(53)
+    ssd_dir = tmp_path / "ssd"
+    ssd_dir.mkdir()
+    model = Path(tiny_model)
+    e5m2 = {**ENGINE, "kv_cache_dtype": "fp8_e5m2"}
+    with EngineHost(tiny_model, e5m2) as fresh:
+        expected = tokens(fresh.generate(prompts, max_tokens=8, one_at_a_time=True))
+    with ssd_engine(model, ssd_dir, kv_cache_dtype="fp8_e4m3") as old:
+        old.generate(prompts, max_tokens=8, one_at_a_time=True)
+        wrote = old.flexkv_state()["ssd"]
+    assert wrote["blocks_written"] >= PROMPT_BLOCKS * len(prompts), wrote
+    with ssd_engine(model, ssd_dir, kv_cache_dtype="fp8_e5m2") as new:
+        got = new.generate(prompts, max_tokens=8, one_at_a_time=True)
+        state = new.flexkv_state()
+    assert tokens(got) == expected
+    assert [c.flexkv_tokens for c in got] == [0] * len(prompts), state
+    assert state["engine_stats"]["hit_blocks"].get("SSD", 0) == 0, state
