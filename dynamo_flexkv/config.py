@@ -181,6 +181,15 @@ class FlexKVSettings(BaseModel):
         "request finishes. Whatever the policy, a preempted request's computed blocks (prompt blocks "
         "only under `prompt`) are saved before vLLM reuses them and loaded when it resumes.",
     )
+    weights_version: Optional[str] = Field(
+        None,
+        min_length=1,
+        description="Names the model's weights in every tier's identity, replacing the content "
+        "identity computed at start-up (safetensors headers and sampled bytes of every tensor), for "
+        "operators who pin versions themselves. Engines with the same value share stored KV; set a "
+        "new value whenever the weights change, or stale KV is served.",
+        json_schema_extra={"x-allowed": "unset, or any non-empty string", "x-default": "unset (content identity)"},
+    )
     log_level: LogLevel = Field(
         "INFO",
         description="Log level of dynamo-flexkv's own loggers.",

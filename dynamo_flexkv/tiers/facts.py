@@ -44,8 +44,7 @@ def shared_tier_layout(layout: dict[str, str | int], setting: str) -> dict[str, 
     seed, so engines whose hashes differ never read each other's values."""
     require_shared_hashes(str(layout.get("hash_algo", "")), setting)
     seed = os.environ.get("PYTHONHASHSEED")
-    # The weights' fingerprint names this host's files (paths, mtimes): engines of one model on
-    # different nodes must still agree; revision, quantization and model config stay in the namespace.
-    shared = {key: value for key, value in layout.items() if key != "weights"}
-    return {**shared, "hash_seed": seed if seed is not None else "vllm-default"}
+    # Every entry, the weights' content identity included, is the same on every node that serves
+    # the same checkpoint (no paths, no mtimes): the namespace shares across nodes, never across weights.
+    return {**layout, "hash_seed": seed if seed is not None else "vllm-default"}
 

@@ -11,7 +11,6 @@ import re
 
 from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import (
-    AttentionSpec,
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheSpec,
@@ -35,11 +34,12 @@ def describe_instance(
     if parallel.pipeline_parallel_size > 1:
         raise ValueError("dynamo-flexkv does not support pipeline parallelism yet (pipeline_parallel_size > 1)")
     vllm_groups = kv_cache_config.kv_cache_groups
-    found = [_kv_group(g.kv_cache_spec, len(vllm_groups)) for g in vllm_groups]
+    found = [_kv_group(g.kv_cache_spec) for g in vllm_groups]
     if None in found:
         raise ValueError(
             "dynamo-flexkv stores KV-cache groups of full attention (FullAttentionSpec, MLAAttentionSpec) "
-            "and sliding-window attention (SlidingWindowSpec), not Mamba or linear-attention state; this "
+            "and sliding-window attention (SlidingWindowSpec) only, not kinds that free blocks a prefix still "
+            "needs (chunked-local, R-SWA) or hold other state (Mamba, linear attention, sinks, encoders); this "
             f"model's groups are {[type(g.kv_cache_spec).__name__ for g in vllm_groups]}: serve it without the connector"
         )
     groups = tuple(g for g in found if g is not None)
@@ -63,15 +63,27 @@ def describe_instance(
     else:
         base = vllm_config.kv_transfer_config.engine_id
     identity = f"dynamo-flexkv-{base}-dp{parallel.data_parallel_rank}"
+    cache = vllm_config.cache_config
+    # Neither the model's path nor its name: the weights' content identity says which weights
+    # computed the KV, so the same checkpoint shares across nodes wherever its files live.
     layout = {
-        "model": str(vllm_config.model_config.model),
+        # The torch dtype alone is uint8 for every fp8 format: the requested format decides the bytes.
+        # Its scales come from the checkpoint (the weights' identity) or live in the page (vLLM 0.31
+        # has no calculate_kv_scales).
         "kv_dtype": str(spec.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(cache.cache_dtype),
+        "kv_cache_dtype_skip_layers": ",".join(map(str, cache.kv_cache_dtype_skip_layers)),
         "block_size": spec.block_size,
         "layers": sum(len(g.layer_names) for g in vllm_groups),
+        "page_bytes": ",".join(str(g.kv_cache_spec.page_size_bytes) for g in vllm_groups),
         "shard_bytes": shard_bytes,
         "tp_size": parallel.tensor_parallel_size,
-        "hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),
-        **kv_fingerprint(vllm_config.model_config),  # weights, quantization, RoPE, ...
+        # context parallelism shards a block's tokens over ranks, interleaved by this many tokens
+        "dcp_size": parallel.decode_context_parallel_size,
+        "pcp_size": parallel.prefill_context_parallel_size,
+        "cp_interleave": parallel.cp_kv_cache_interleave_size,
+        "hash_algo": str(cache.prefix_caching_hash_algo),
+        **kv_fingerprint(vllm_config.model_config, settings.weights_version),  # weights, quantization, RoPE, ...
     }
     if hybrid:  # a slot's bytes are the groups' layers in group order
         layout["groups"] = ",".join(g.kind for g in groups)
@@ -79,14 +91,18 @@ def describe_instance(
                          groups=groups, group_layers=tuple(tuple(g.layer_names) for g in vllm_groups))
 
 
-def _kv_group(spec: KVCacheSpec, num_groups: int) -> KVGroup | None:
-    """The index's view of one of vLLM's KV-cache groups; None for a kind it cannot store."""
+def _kv_group(spec: KVCacheSpec) -> KVGroup | None:
+    """The index's view of one of vLLM's KV-cache groups; None for a kind it cannot store.
+
+    Exact types only: a subclass may free blocks a prefix still needs (RSWASpec, a FullAttentionSpec,
+    evicts decode blocks outside its window; ChunkedLocalAttentionSpec frees past chunks) or hold
+    something else than a prefix's KV (CircularBufferSpec's one ring block per request, sink tokens,
+    encoder or cross-attention states), so a kind not listed here is refused, never guessed.
+    """
     if type(spec) is SlidingWindowSpec:
         # vLLM keeps `extra_retained_tokens` below the window (multi-token prediction)
         window = spec.sliding_window + getattr(spec, "extra_retained_tokens", 0)
         return KVGroup(f"sliding_window({spec.sliding_window})", window)
-    if type(spec) in (FullAttentionSpec, MLAAttentionSpec):
+    if type(spec) in (FullAttentionSpec, MLAAttentionSpec):  # every block of a prefix is kept
         return KVGroup("full_attention")
-    if num_groups == 1 and isinstance(spec, AttentionSpec) and not isinstance(spec, SlidingWindowSpec):
-        return KVGroup(type(spec).__name__)  # the one group of a model: every block is kept
     return None
