@@ -144,9 +144,10 @@ def test_weights_swapped_behind_one_path_never_load_the_old_weights_kv(tiny_mode
         assert len(store_namespaces(redis_store) - namespaces_before) == 1
 
 
-@pytest.mark.correctness("KV dtype changed (--kv-cache-dtype fp8_e4m3 -> fp8_e5m2, both stored as uint8)",
-                         "recompute: zero hits on the SSD files of the other format; tokens identical to a fresh "
-                         "engine with the new format")
+@pytest.mark.correctness("KV dtype changed",
+                         "recompute: a restart from --kv-cache-dtype fp8_e4m3 to fp8_e5m2 (both stored as uint8) "
+                         "gets zero hits on the SSD files of the other format; tokens identical to a fresh engine "
+                         "with the new format")
 def test_a_restart_with_another_fp8_format_never_reinterprets_the_stored_bytes(tiny_model, tmp_path):
     prompts = make_prompts(53)
     ssd_dir = tmp_path / "ssd"
