@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import logging
 import time
-from itertools import chain
 from dataclasses import dataclass, replace
+from itertools import chain
 
 import torch
 
