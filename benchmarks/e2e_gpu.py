@@ -8,6 +8,8 @@ the lent H200), one table per run:
                                                  #   greedy tokens vs recompute, TTFT of a re-asked
                                                  #   4k/16k/32k prompt, decode tokens/s while saves run
     python3 benchmarks/e2e_gpu.py --table pool   # pinning the CPU pool: 8/32/96 GiB
+    python3 benchmarks/e2e_gpu.py --table sliding  # a sliding-window model, chunked prefill, a tight
+                                                   #   cache: hits ending mid-prompt, PASS/FAIL line
     (--configs a,b picks engine configs; --parts picks among correctness,ttft,decode; --tp 2 on a
     two-GPU machine; --model mla for the MLA shape; --cuda-graphs runs vLLM's default CUDA-graph and
     torch.compile mode instead of eager; --out FILE.json writes the raw figures; --report FILE.json...
@@ -16,7 +18,10 @@ the lent H200), one table per run:
 The default model has Llama-3-8B's shape (32 layers, 32 heads, 8 KV heads, head dim 128, hidden 4096,
 MLP 14336, bf16); `--model mla` has DeepSeek-V2-Lite's attention (27 layers, 16 heads, multi-head
 latent attention: a 512-wide latent plus 64 RoPE dims cached per token and layer, one "KV head") with
-dense MLPs in place of its experts. Both get random weights written on the device under a fixed seed,
+dense MLPs in place of its experts. The sliding table's model (GEMMA2_SLIDING) is Gemma-2: sliding-window
+and full-attention layers alternate, with Gemma-2-9B's attention (42 layers, 16 heads, 8 KV heads,
+head dim 256) on a narrow 1024-wide residual and MLP, so a chunk's save takes longer than its
+forward, and Gemma-3's 1024-token window. All get random weights written on the device under a fixed seed,
 and the offline tokenizer's vocabulary. Every engine config runs in its own process (dynamo_flexkv.devtools.harness), one
 after the other, on the same prompts. A prompt's prefix is pushed out of vLLM's GPU cache either by
 cache pressure (a small `num_gpu_blocks_override`) or by `reset_prefix_cache`, which drops vLLM's own
@@ -49,6 +54,8 @@ MLA_LITE = dict(hidden_size=2048, intermediate_size=10944, num_hidden_layers=27,
                 num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
                 qk_nope_head_dim=128, v_head_dim=128, first_k_dense_replace=27, n_routed_experts=64,
                 num_experts_per_tok=6, moe_intermediate_size=1408, n_shared_experts=2)
+GEMMA2_SLIDING = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=42, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=256, sliding_window=1024)
 KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x kv heads x head dim x (K, V) x bf16
 CPU_GB = 16  # the CPU budget every offloading config gets
 FLEXKV = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both"}
@@ -62,7 +69,8 @@ def log(message: str) -> None:
 
 def write_random_model(out: Path, kind: str, seed: int = 0) -> Path:
     """A checkpoint with random weights, generated on the GPU and written as safetensors:
-    `llama` (LLAMA3_8B) or `mla` (MLA_LITE, DeepseekV2ForCausalLM)."""
+    `llama` (LLAMA3_8B), `mla` (MLA_LITE, DeepseekV2ForCausalLM) or `sliding` (GEMMA2_SLIDING,
+    Gemma2ForCausalLM: even layers attend the window, odd ones every token)."""
     import torch
     from safetensors.torch import save_file
 
@@ -72,13 +80,20 @@ def write_random_model(out: Path, kind: str, seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
-    shape = LLAMA3_8B if kind == "llama" else MLA_LITE
+    shape = {"llama": LLAMA3_8B, "mla": MLA_LITE, "sliding": GEMMA2_SLIDING}[kind]
     config = {
         "vocab_size": vocab, "max_position_embeddings": 65536, "rms_norm_eps": 1e-5, "bos_token_id": 0,
         "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu", **shape,
     }
     if kind == "llama":
         config.update(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=500000.0)
+    elif kind == "sliding":  # no logit soft-capping: greedy decoding without near-ties
+        config.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2", rope_theta=10000.0,
+                      hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=shape["head_dim"],
+                      attn_logit_softcapping=None, final_logit_softcapping=None, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, pad_token_id=0,
+                      layer_types=["full_attention" if i % 2 else "sliding_attention"
+                                   for i in range(shape["num_hidden_layers"])])
     else:
         config.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", rope_theta=10000.0,
                       rope_scaling=None, topk_method="greedy", n_group=1, topk_group=1, moe_layer_freq=1,
@@ -93,11 +108,15 @@ def write_random_model(out: Path, kind: str, seed: int = 0) -> Path:
     def ones(size: int):
         return torch.ones(size, dtype=torch.bfloat16)
 
+    def gemma_norm(size: int, scale: float):  # Gemma's norms multiply by 1 + weight
+        return torch.full((size,), scale - 1.0, dtype=torch.bfloat16)
+
     def attention(p: str) -> dict:
         heads = shape["num_attention_heads"]
-        if kind == "llama":
+        if kind in ("llama", "sliding"):
             d, kv_heads = shape["head_dim"], shape["num_key_value_heads"]
-            return {p + "q_proj.weight": rand(heads * d, h), p + "k_proj.weight": rand(kv_heads * d, h),
+            qk_std = 0.08 if kind == "sliding" else 0.02  # peaked attention: the next token depends on the window
+            return {p + "q_proj.weight": rand(heads * d, h, std=qk_std), p + "k_proj.weight": rand(kv_heads * d, h, std=qk_std),
                     p + "v_proj.weight": rand(kv_heads * d, h), p + "o_proj.weight": rand(h, heads * d)}
         latent, rope = shape["kv_lora_rank"], shape["qk_rope_head_dim"]
         nope, v = shape["qk_nope_head_dim"], shape["v_head_dim"]
@@ -106,17 +125,26 @@ def write_random_model(out: Path, kind: str, seed: int = 0) -> Path:
                 p + "kv_b_proj.weight": rand(heads * (nope + v), latent), p + "o_proj.weight": rand(h, heads * v)}
 
     index = {}
-    head = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": ones(h),
-            "lm_head.weight": rand(vocab, h, std=0.16)}  # wider logits: greedy decoding without near-ties
+    if kind == "sliding":  # tied embeddings; a wide final norm gives wide logits
+        head = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": gemma_norm(h, 8.0)}
+    else:
+        head = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": ones(h),
+                "lm_head.weight": rand(vocab, h, std=0.16)}  # wider logits: greedy decoding without near-ties
     shards = [head]
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shards.append({
+        layer = {
             **attention(p + "self_attn."),
             p + "mlp.gate_proj.weight": rand(m, h), p + "mlp.up_proj.weight": rand(m, h),
             p + "mlp.down_proj.weight": rand(h, m),
             p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
-        })
+        }
+        if kind == "sliding":  # attention outweighs the embedding in the residual stream
+            layer.update({p + "input_layernorm.weight": gemma_norm(h, 1.0),
+                          p + "post_attention_layernorm.weight": gemma_norm(h, 8.0),
+                          p + "pre_feedforward_layernorm.weight": gemma_norm(h, 1.0),
+                          p + "post_feedforward_layernorm.weight": gemma_norm(h, 1.0)})
+        shards.append(layer)
     for n, tensors in enumerate(shards):
         name = f"model-{n:05d}.safetensors"
         save_file(tensors, str(out / name), metadata={"format": "pt"})
@@ -248,6 +276,81 @@ def smoke(model: Path, configs: list[str], base: dict) -> dict:
     return results
 
 
+SLIDING_CHUNK = 1024  # max_num_batched_tokens: vLLM prefills a prompt in chunks of one window
+
+
+def sliding_windows(host: EngineHost, prompts: list[list[int]], tails: list[list[int]], max_tokens: int) -> dict:
+    """Each prompt alone, prefilled in chunks; then, for every chunk boundary k, the branch
+    `prompt[:k] + tail` (a tail shorter than a block) asked after vLLM's cache was emptied (with the
+    connector: loaded from its CPU tier; without: computed) and asked again at once (vLLM's own
+    prefix cache). A branch's hit ends inside the prompt: its window's KV was saved mid-prefill, while
+    vLLM freed and reused those sliding-window blocks. Every way of serving a branch computes the same
+    tokens on the same cached KV (one request at a time, chunk boundaries at multiples of the chunk),
+    so greedy tokens must agree exactly."""
+    first = [host.generate([p], max_tokens=max_tokens, timeout_s=300)[0] for p in prompts]
+    cuts, served, gpu_hit = [], [], []
+    for prompt, tail in zip(prompts, tails):
+        for k in range(SLIDING_CHUNK, len(prompt) + 1, SLIDING_CHUNK):
+            branch = prompt[:k] + tail
+            host.reset_gpu_prefix_cache()
+            served.append(host.generate([branch], max_tokens=max_tokens, timeout_s=300)[0])
+            gpu_hit.append(host.generate([branch], max_tokens=max_tokens, timeout_s=300)[0])
+            cuts.append(k)
+    state = host.flexkv_state()
+    return {"hybrid_manager": state["hybrid_manager"], "kv_cache_groups": state["kv_cache_groups"],
+            "first_tokens": [c.token_ids for c in first], "first_ttft_s": [c.ttft_s for c in first],
+            "cuts": cuts, "branch_tokens": [c.token_ids for c in served],
+            "branch_loaded_tokens": [c.flexkv_tokens for c in served],
+            "gpu_hit_tokens": [c.token_ids for c in gpu_hit]}
+
+
+def sliding(model: Path, configs: list[str], base: dict) -> dict:
+    rng = random.Random(7)
+    prompts = prompts_of(3, 4, 6 * SLIDING_CHUNK + 7)
+    tails = [[rng.randrange(3, 1000) for _ in range(9)] for _ in prompts]
+    results = {}
+    for name in configs:
+        with start(model, name, base) as host:
+            results[name] = {"sliding": sliding_windows(host, prompts, tails, max_tokens=16)}
+        log(f"  {name}: branches loaded {results[name]['sliding']['branch_loaded_tokens']}")
+    return results
+
+
+def sliding_verdict(configs: dict[str, dict]) -> tuple[bool, list[str]]:
+    """PASS: vLLM ran its hybrid manager with a sliding-window group, every connector config loaded
+    each branch's whole hit from its tier, and served every branch with the no-connector engine's
+    tokens for the same cached KV (its own prefix-cache hit); the first asks match recompute too."""
+    ref = configs.get("recompute", {}).get("sliding")
+    if ref is None:
+        return False, ["no recompute config: nothing to compare with"]
+    ok, lines = True, []
+    n = len(ref["cuts"])
+    lines.append(f"recompute: its prefix-cache hit = its cold compute on {sum(a == b for a, b in zip(ref['gpu_hit_tokens'], ref['branch_tokens']))}/{n} branches")
+    for name, got in configs.items():
+        s = got.get("sliding")
+        if s is None or name == "recompute":
+            continue
+        problems = []
+        if not s["hybrid_manager"] or "SlidingWindowSpec" not in s["kv_cache_groups"]:
+            problems.append(f"vLLM's KV-cache groups {s['kv_cache_groups']} (hybrid manager "
+                            f"{'on' if s['hybrid_manager'] else 'off'}): no sliding-window group was exercised")
+        short = [(k, got_k) for k, got_k in zip(s["cuts"], s["branch_loaded_tokens"]) if got_k != k]
+        if short:
+            problems.append(f"branches whose hit was not loaded whole (cut, loaded): {short}")
+        wrong = [k for k, a, b in zip(s["cuts"], s["branch_tokens"], ref["gpu_hit_tokens"]) if a != b]
+        if wrong:
+            problems.append(f"{len(wrong)}/{n} branches differ from recompute's prefix-cache hit, at cuts {wrong}")
+        first_same = sum(a == b for a, b in zip(s["first_tokens"], ref["first_tokens"]))
+        if first_same != len(ref["first_tokens"]):
+            problems.append(f"first asks equal recompute's on {first_same}/{len(ref['first_tokens'])}")
+        ttft = statistics.median(s["first_ttft_s"]) / statistics.median(ref["first_ttft_s"])
+        lines.append(f"{name}: {n - len(wrong)}/{n} branches = recompute's prefix-cache hit, "
+                     f"{sum(a == b for a, b in zip(s['branch_tokens'], ref['branch_tokens']))}/{n} = its cold compute; "
+                     f"first-ask TTFT {ttft:.2f}x recompute" + "".join(f"\n  PROBLEM: {p}" for p in problems))
+        ok = ok and not problems
+    return ok, lines
+
+
 # --- report --------------------------------------------------------------------------------------
 
 def report(paths: list[str]) -> None:
@@ -257,10 +360,16 @@ def report(paths: list[str]) -> None:
     for record in records:
         configs.update(record["results"])
     print(f"machine: {records[0]['machine']}; runs: {', '.join(r['date'] for r in records)}")
-    print("\nGreedy tokens of each prompt asked again alone after its prefix left vLLM's cache, compared with the")
-    print("no-connector engine: recomputed, and served by vLLM's own GPU prefix cache (same engine, asked twice).")
-    print("\n| config | = recompute | = vLLM GPU prefix hit | under pressure = recompute | own GPU hit = own load | tokens loaded |")
-    print("|---|---|---|---|---|---|")
+    if any("sliding" in got for got in configs.values()):
+        passed, lines = sliding_verdict(configs)
+        print("\n".join(lines))
+        print(f"SLIDING-WINDOW {'PASS' if passed else 'FAIL'}: hits ending mid-prompt on a sliding-window model, "
+              "loaded from the CPU tier, against the no-connector engine")
+    if any("correctness" in got for got in configs.values()):
+        print("\nGreedy tokens of each prompt asked again alone after its prefix left vLLM's cache, compared with the")
+        print("no-connector engine: recomputed, and served by vLLM's own GPU prefix cache (same engine, asked twice).")
+        print("\n| config | = recompute | = vLLM GPU prefix hit | under pressure = recompute | own GPU hit = own load | tokens loaded |")
+        print("|---|---|---|---|---|---|")
     for name, got in configs.items():
         if "correctness" not in got:
             continue
@@ -354,7 +463,7 @@ def pool(sizes_gib: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=["smoke", "all", "pool"])
+    parser.add_argument("--table", choices=["smoke", "all", "pool", "sliding"])
     parser.add_argument("--report", nargs="+", help="print the tables of these result files")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--model", choices=["llama", "mla"], default="llama", help="the all table's model shape")
@@ -394,6 +503,15 @@ def main() -> None:
             decode_reps = 0 if name.startswith("vllm-") else max(3, args.reps // 2)
             data[name] = run_config(model, name, base, parts, args.reps, decode_reps)
             _write(args, data)  # a run cut short keeps the configs it finished
+    elif args.table == "sliding":
+        args.model = "sliding"
+        model = write_random_model(Path(args.model_dir or os.path.join(tempfile.gettempdir(), "flexkv-sliding-shape")),
+                                   "sliding")
+        # one prompt (6k tokens, 16 decoded) nearly fills vLLM's cache: 386 full-attention blocks and
+        # (window + chunk) / 16 + 1 sliding-window ones, 16 spare
+        base.update(block_size=16, max_model_len=6176, max_num_batched_tokens=SLIDING_CHUNK,
+                    num_gpu_blocks_override=386 + 2 * SLIDING_CHUNK // 16 + 1 + 16)
+        data = sliding(model, _pick(args, ["recompute", "flexkv-async", "flexkv-async:FLEXKV_CUDA_ISSUE=thread"]), base)
     else:
         data = {"pool": pool([8, 32, 96])}
     report([_write(args, data)])

@@ -47,6 +47,10 @@ class FlexKVStepMetadata(KVConnectorMetadata):
     preempted: list[str] = field(default_factory=list)  # their earlier saves are awaited there too
     # finished requests whose GPU blocks vLLM keeps until each of their saves landed (finished_sending)
     hold: list[str] = field(default_factory=list)
+    # GPU blocks vLLM handed out in this step, every group's (sent only while a save may still read a
+    # sliding-window block: vLLM frees those while the request runs, and may hand them out again at
+    # once). A save still reading one lands in `handle_preemptions`, before this step writes it.
+    allocated: list[int] = field(default_factory=list)
 
 
 @dataclass

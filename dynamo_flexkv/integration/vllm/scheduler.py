@@ -283,6 +283,9 @@ class SchedulerSide:
 
     def build_connector_meta(self, output: SchedulerOutput) -> FlexKVStepMetadata:
         self.computed_tokens += output.total_num_scheduled_tokens
+        if self._saving and any(group.window is not None for group in self.groups):
+            # an earlier save may still be reading a sliding-window block vLLM freed and hands out now
+            self._step.allocated = _allocated_block_ids(output)
         self._save_preempted(output.preempted_req_ids or ())
         self._track_blocks(output)
         for request_id, num_tokens in output.num_scheduled_tokens.items():
@@ -447,3 +450,18 @@ class SchedulerSide:
     def shutdown(self) -> None:
         """Let in-flight lower-tier writes land (bounded), so a restart finds them."""
         self.tiers.close()
+
+
+def _allocated_block_ids(output: SchedulerOutput) -> list[int]:
+    """The GPU blocks this step may write before or during its forward: every group's blocks of new
+    and resumed requests (their prefix-cache hits too: extra safety, never a missed one), the blocks
+    running requests gained, and the destinations of vLLM's copy-on-write copies."""
+    allocated: list[int] = []
+    for new in output.scheduled_new_reqs:
+        for ids in new.block_ids:
+            allocated += ids
+    for added in output.scheduled_cached_reqs.new_block_ids:
+        for ids in added or ():
+            allocated += ids
+    allocated += [copy.dst_block_id for copy in getattr(output, "kv_cache_block_copies", None) or ()]
+    return allocated

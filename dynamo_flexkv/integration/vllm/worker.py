@@ -18,6 +18,10 @@ schedule no tokens, where vLLM 0.26 never calls `wait_for_save`:
 - *preemption saves* (requests vLLM preempted in this step, whose freed blocks this very step may
   reuse): started and awaited in `handle_preemptions`, which vLLM calls before anything of the step
   touches the cache; earlier saves of those requests still in flight are awaited there too.
+- *reused sliding-window blocks*: vLLM frees a running request's sliding-window blocks once they
+  leave the window and may hand them out again in the next step, while an earlier save still reads
+  them. A save whose sliding-window blocks are among the step's `allocated` blocks is awaited in
+  `handle_preemptions` too (on CUDA the compute stream waits for it; the host does not).
 `get_finished` (called at the end of every step) closes the step's layer-wise loads and reports
 finished transfers. A failed load reports its blocks as load errors, so vLLM recomputes them (a
 hybrid model's, whose block ids are per KV-cache group, as a failed request: see compat.py); a failed
@@ -32,6 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Any
 
 import torch
@@ -64,6 +69,15 @@ class _InFlight:
     nbytes: int  # this job's bytes
 
 
+@dataclass(frozen=True)
+class _WindowRead:
+    """A save in flight that reads sliding-window blocks, which vLLM may hand out again meanwhile."""
+
+    label: str  # the request id, or "N requests" for a step's merged saves
+    handle: TransferHandle
+    blocks: frozenset[int]
+
+
 def _finished_ok(handle: TransferHandle | None) -> bool:
     """Whether a finished transfer landed every byte (CUDA handles raise their error here)."""
     if handle is None:
@@ -89,6 +103,9 @@ class WorkerSide:
         self.copiers: list[Copier] = []  # one per KV-cache group
         self._layer_index: dict[str, int] = {}
         self._in_flight: list[_InFlight] = []
+        self._window_groups = [g for g, group in enumerate(facts.groups) if group.window is not None]
+        # saves reading sliding-window blocks, with those blocks: vLLM may reuse them while we read
+        self._window_reads: list[_WindowRead] = []
         self._layerwise: list[_InFlight] = []  # handles are LayerwiseLoads
         self._hooks_seen = False
         self._load_errors: set[int] = set()
@@ -165,26 +182,49 @@ class WorkerSide:
 
     def handle_preemptions(self, metadata: FlexKVStepMetadata) -> None:
         """Save what preempted requests computed, and let every save of theirs land, before this
-        step reuses their blocks."""
+        step reuses their blocks; so too any save still reading a block this step reuses."""
         self._preemptions_handled = metadata
+        self._fence_reused_blocks(metadata.allocated)
         self._start_saves(metadata.preemption_saves)
         preempted = set(metadata.preempted)
         for t in self._in_flight:
             if t.kind == "save" and t.job.request_id in preempted and t.handle is not None:
                 t.handle.wait()
 
+    def _fence_reused_blocks(self, allocated: list[int]) -> None:
+        """Await the saves still reading a sliding-window block that vLLM handed out again in this
+        step, before the step writes it (a load, vLLM's zeroing, the forward)."""
+        if not self._window_reads:
+            return
+        reading = []
+        for read in self._window_reads:
+            if read.handle.done():
+                continue
+            if read.blocks.isdisjoint(allocated):
+                reading.append(read)
+                continue
+            # awaited once: everything the compute stream runs from now on comes after it
+            read.handle.wait()
+            logger.debug("save awaited before vLLM reuses its sliding-window blocks: request=%s reused=%d",
+                         read.label, len(read.blocks.intersection(allocated)))
+        self._window_reads = reading
+
     def _start_saves(self, jobs: list[BlockTransfer]) -> None:
         """One transfer for all of `jobs`; each stays in flight, and is reported, under its own save id."""
         if not jobs:
             return
         if len(jobs) == 1:
-            self._in_flight.append(self._start(jobs[0], "save", lambda: self._start_groups(jobs[0], save=True)))
-            return
-        merged = BlockTransfer(f"{len(jobs)} requests", *(tuple(tuple(x for job in jobs for x in getattr(job, side)[g])
-                                           for g in range(len(self.copiers))) for side in ("block_ids", "slots")))
-        step = self._start(merged, "save", lambda: self._start_groups(merged, save=True))
-        for job in jobs:
-            self._in_flight.append(replace(step, job=job, nbytes=self._job_bytes(job)))
+            step = self._start(jobs[0], "save", lambda: self._start_groups(jobs[0], save=True))
+            self._in_flight.append(step)
+        else:
+            merged = BlockTransfer(f"{len(jobs)} requests", *(tuple(tuple(x for job in jobs for x in getattr(job, side)[g])
+                                               for g in range(len(self.copiers))) for side in ("block_ids", "slots")))
+            step = self._start(merged, "save", lambda: self._start_groups(merged, save=True))
+            for job in jobs:
+                self._in_flight.append(replace(step, job=job, nbytes=self._job_bytes(job)))
+        window_blocks = frozenset(chain.from_iterable(step.job.block_ids[g] for g in self._window_groups))
+        if window_blocks and step.handle is not None and not step.handle.done():
+            self._window_reads.append(_WindowRead(step.job.request_id, step.handle, window_blocks))
 
     def start_step(self, metadata: FlexKVStepMetadata) -> None:
         """Start every transfer of this step: layer-wise loads first (this forward waits for them),
