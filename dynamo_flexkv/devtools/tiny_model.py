@@ -131,17 +131,18 @@ def _shape_config(shape: ModelShape, vocab_size: int) -> dict:
                 max_position_embeddings=8192, bos_token_id=0, eos_token_id=2, torch_dtype=shape.dtype)
 
 
-def build_model(out: Path, vocab_size: int, shape: ModelShape = TINY) -> None:
+def build_model(out: Path, vocab_size: int, shape: ModelShape = TINY, seed: int = SEED) -> None:
+    """`seed` draws the weights: another seed, another model of the same shape (e.g. "updated weights")."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if shape.sliding_window is not None:
-        _build_sliding_window_model(out, vocab_size, shape)
+        _build_sliding_window_model(out, vocab_size, shape, seed)
         return
     if shape.ssm:
-        _build_hybrid_ssm_model(out, vocab_size, shape)
+        _build_hybrid_ssm_model(out, vocab_size, shape, seed)
         return
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     config = LlamaConfig(**_shape_config(shape, vocab_size), head_dim=shape.head_dim, rms_norm_eps=1e-5,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(getattr(torch, shape.dtype))
@@ -151,13 +152,13 @@ def build_model(out: Path, vocab_size: int, shape: ModelShape = TINY) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-def _build_sliding_window_model(out: Path, vocab_size: int, shape: ModelShape) -> None:
+def _build_sliding_window_model(out: Path, vocab_size: int, shape: ModelShape, seed: int) -> None:
     """Gemma-2 layout: layers 0, 2, ... attend a sliding window, 1, 3, ... every token. No logit
     soft-capping (the CPU attention does without it); embeddings tied, as vLLM's Gemma-2 loads them."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     config = Gemma2Config(
         **_shape_config(shape, vocab_size), head_dim=shape.head_dim, query_pre_attn_scalar=shape.head_dim,
         sliding_window=shape.sliding_window, attn_logit_softcapping=None, final_logit_softcapping=None,
@@ -175,12 +176,12 @@ def _build_sliding_window_model(out: Path, vocab_size: int, shape: ModelShape) -
     model.save_pretrained(out, safe_serialization=True)
 
 
-def _build_hybrid_ssm_model(out: Path, vocab_size: int, shape: ModelShape) -> None:
+def _build_hybrid_ssm_model(out: Path, vocab_size: int, shape: ModelShape, seed: int) -> None:
     """Jamba layout: layer 0 Mamba, layer 1 attention (and so on); one expert, so no MoE."""
     import torch
     from transformers import JambaConfig, JambaForCausalLM
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     config = JambaConfig(
         **_shape_config(shape, vocab_size), attn_layer_period=2, attn_layer_offset=1, num_experts=1,
         num_experts_per_tok=1, mamba_dt_rank=8, use_mamba_kernels=False, pad_token_id=0, tie_word_embeddings=False,
@@ -188,11 +189,11 @@ def _build_hybrid_ssm_model(out: Path, vocab_size: int, shape: ModelShape) -> No
     JambaForCausalLM(config).to(getattr(torch, shape.dtype)).save_pretrained(out, safe_serialization=True)
 
 
-def build(out_dir: str | Path, shape: ModelShape = TINY) -> Path:
+def build(out_dir: str | Path, shape: ModelShape = TINY, seed: int = SEED) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
-    build_model(out, vocab, shape)
+    build_model(out, vocab, shape, seed)
     return out
 
 
