@@ -47,7 +47,8 @@ class InPlaceWeights:
         from safetensors.torch import load_file
 
         tensors = load_file(os.path.join(model_dir, "model.safetensors"))
-        self.reload_weights(weights_iterator=iter(tensors.items()))  # vLLM's in-place reload (repacks the CPU kernels' weights)
+        # vLLM's in-place reload: loading into the parameters alone misses the CPU kernels' repacked copies
+        self.reload_weights(weights_iterator=iter(tensors.items()))
 
 
 WEIGHT_SWAP = f"{__name__}.{InPlaceWeights.__qualname__}"  # the engine argument worker_extension_cls to pass

@@ -33,9 +33,10 @@ def updated_model(tmp_path_factory) -> str:
     return str(build(tmp_path_factory.mktemp("updated-weights"), seed=SEED + 1))
 
 
-@pytest.mark.correctness("reset with work in flight",
-                         "recompute: after reset_prefix_cache(reset_running_requests, reset_connector) with saves "
-                         "in flight, zero hits on KV of before it; tokens identical to a fresh engine on the new weights")
+@pytest.mark.correctness(
+    "reset with work in flight",
+    "recompute: weights updated in place, then reset_prefix_cache(reset_running_requests, reset_connector) with "
+    "saves in flight: zero hits on KV of before the reset; tokens identical to a fresh engine on the new weights")
 def test_weights_updated_in_place_then_reset_with_saves_in_flight(tiny_model, updated_model):
     rng = random.Random(41)
     prompts = [random_prompt(rng, 150) for _ in range(3)]
