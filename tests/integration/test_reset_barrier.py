@@ -19,10 +19,13 @@ from tests.helpers import COMPAT_CONFIG, ENGINE, random_prompt
 
 pytestmark = pytest.mark.engine
 
-# A small step budget prefills a prompt in chunks: at the reset two requests run and the save of the
-# second one's first block is in flight; after it, the resumed requests are scheduled one after the
-# other, so the second looks its prompt up in the tiers steps after the reset.
+# A small step budget prefills prompts in chunks. Steps 1-2 prefill the first prompt; step 3 the
+# second's first 63 tokens; step 4 the rest of it and the third's first 46. At the reset the save of
+# the second prompt's first block is in flight and the third's first block is computed but not yet
+# saved. After it the first request, resumed first, takes the whole budget for two steps: the others
+# look their prompts up in the tiers only then, when whatever was wrongly kept would be found.
 BUDGET = dict(ENGINE, max_num_batched_tokens=64)
+PROMPT_TOKENS = (128, 80, 150)
 STEPS_BEFORE_RESET = 4
 MAX_TOKENS = 24
 
@@ -39,7 +42,7 @@ def updated_model(tmp_path_factory) -> str:
     "saves in flight: zero hits on KV of before the reset; tokens identical to a fresh engine on the new weights")
 def test_weights_updated_in_place_then_reset_with_saves_in_flight(tiny_model, updated_model):
     rng = random.Random(41)
-    prompts = [random_prompt(rng, 150) for _ in range(3)]
+    prompts = [random_prompt(rng, n) for n in PROMPT_TOKENS]
     engine = {**BUDGET, "kv_transfer_config": COMPAT_CONFIG, "worker_extension_cls": WEIGHT_SWAP}
     with EngineHost(tiny_model, engine, env={"FLEXKV_CPU_CACHE_GB": "0.25"},
                     child_setup="tests.gpu_timing:saves_land_a_step_late") as host:
@@ -47,7 +50,7 @@ def test_weights_updated_in_place_then_reset_with_saves_in_flight(tiny_model, up
         state = host.flexkv_state()
     # the situation: requests were running, and a save of a prompt's first block had not landed yet
     assert run["saves_in_flight"]["heads"] >= 1, run
-    assert max(run["before_reset"]) > 0, run
+    assert min(run["before_reset"][:2]) > 0, run
     # nothing stored or planned before the reset was loaded after it (distinct prompts: every hit
     # after the reset would be a prompt's own KV, computed by the old weights)
     assert run["hit_blocks"] == {"CPU": 0} and run["loaded_tokens"] == 0, run

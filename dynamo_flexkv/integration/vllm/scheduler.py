@@ -423,9 +423,9 @@ class SchedulerSide:
             tracked.next_block = 0
             stale += tracked.stale
         self.tiers.reset()  # every tier, on disk too
-        logger.info("cache reset: reset epoch %d, every block dropped, %d saves and %d loads in flight void, "
-                    "%d requests' earlier KV never saved", self.engine.epoch, len(self._saving), len(self._loading),
-                    stale)
+        logger.info("cache reset: reset epoch %d, every block dropped, %d saves and %d loads in flight commit "
+                    "nothing, %d requests' earlier KV never saved", self.engine.epoch, len(self._saving),
+                    len(self._loading), stale)
         return True
 
     def _tier_io(self) -> dict[str, tuple[int, int]]:
