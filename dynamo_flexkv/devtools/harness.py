@@ -117,8 +117,9 @@ class EngineHost:
         weights are replaced in place by the model in directory `weights` (the engine needs
         `worker_extension_cls=WEIGHT_SWAP`) and the cache is reset as RL loops do, running requests and
         connector included. Returns `token_ids` per prompt, `before_reset` (tokens each had then),
-        `saves_in_flight` (FlexKV's pending stores' blocks then, `heads`: those that start a prompt), and
-        `hit_blocks` (FlexKV's hits per tier) and `loaded_tokens` counted after the reset."""
+        `saves_in_flight` (FlexKV's pending stores' blocks then, `heads`: those that start a prompt),
+        `lower_tier_jobs` (spills and stagings in flight then), and `hit_blocks` (FlexKV's hits per tier)
+        and `loaded_tokens` counted after the reset."""
         return self.call("generate_across_weight_update", timeout_s, prompts=prompts, max_tokens=max_tokens,
                          steps_before=steps_before, weights=weights)
 
@@ -270,6 +271,7 @@ def _generate_across_weight_update(llm, side, prompts: list[list[int]], max_toke
     before = [len(tokens[i]) for i in range(len(prompts))]
     heads = {_block_hashes(engine, p)[0] for p in prompts}
     pending = [plan.keys for plan in side.engine.pending_stores().values()]
+    lower_tier_jobs = side.tiers.num_pending
     llm.collective_rpc("load_weights_from", args=(weights,))
     if not engine.reset_prefix_cache(reset_running_requests=True, reset_connector=True):
         raise RuntimeError("vLLM refused the cache reset")
@@ -281,6 +283,7 @@ def _generate_across_weight_update(llm, side, prompts: list[list[int]], max_toke
         "token_ids": [tokens[i] for i in range(len(prompts))],
         "before_reset": before,
         "saves_in_flight": {"blocks": sum(map(len, pending)), "heads": sum(keys[0] in heads for keys in pending)},
+        "lower_tier_jobs": lower_tier_jobs,
         "hit_blocks": {tier: n - hits[tier] for tier, n in side.engine.snapshot().hit_blocks.items()},
         "loaded_tokens": side.loaded_tokens - loaded,
     }

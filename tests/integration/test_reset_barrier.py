@@ -36,24 +36,29 @@ def updated_model(tmp_path_factory) -> str:
     return str(build(tmp_path_factory.mktemp("updated-weights"), seed=SEED + 1))
 
 
+@pytest.mark.parametrize("tiers", ["cpu", "cpu+ssd"])
 @pytest.mark.correctness(
     "reset with work in flight",
     "recompute: weights updated in place, then reset_prefix_cache(reset_running_requests, reset_connector) with "
     "saves in flight: zero hits on KV of before the reset; tokens identical to a fresh engine on the new weights")
-def test_weights_updated_in_place_then_reset_with_saves_in_flight(tiny_model, updated_model):
+def test_weights_updated_in_place_then_reset_with_saves_in_flight(tiny_model, updated_model, tiers, tmp_path):
     rng = random.Random(41)
     prompts = [random_prompt(rng, n) for n in PROMPT_TOKENS]
     engine = {**BUDGET, "kv_transfer_config": COMPAT_CONFIG, "worker_extension_cls": WEIGHT_SWAP}
-    with EngineHost(tiny_model, engine, env={"FLEXKV_CPU_CACHE_GB": "0.25"},
+    env = {"FLEXKV_CPU_CACHE_GB": "0.25"}
+    if tiers == "cpu+ssd":  # the write-through into the disk tier is in flight at the reset too
+        env.update(FLEXKV_SSD_CACHE_GB="0.25", FLEXKV_SSD_CACHE_DIR=str(tmp_path))
+    with EngineHost(tiny_model, engine, env=env,
                     child_setup="tests.gpu_timing:saves_land_a_step_late") as host:
         run = host.generate_across_weight_update(prompts, MAX_TOKENS, STEPS_BEFORE_RESET, updated_model)
         state = host.flexkv_state()
     # the situation: requests were running, and a save of a prompt's first block had not landed yet
     assert run["saves_in_flight"]["heads"] >= 1, run
     assert min(run["before_reset"][:2]) > 0, run
+    assert run["lower_tier_jobs"] >= (tiers == "cpu+ssd"), run
     # nothing stored or planned before the reset was loaded after it (distinct prompts: every hit
     # after the reset would be a prompt's own KV, computed by the old weights)
-    assert run["hit_blocks"] == {"CPU": 0} and run["loaded_tokens"] == 0, run
+    assert set(run["hit_blocks"].values()) == {0} and run["loaded_tokens"] == 0, run
     assert state["accounting"]["problems"] == [], state
 
     # A fresh engine on the new weights, given what each request had generated before the reset,
