@@ -35,7 +35,7 @@ class MemoryTier:
     def __init__(self, num_slots: int = 64):
         self.num_slots = num_slots
         self.framing: Framing | None = None  # sized by the first pool it sees
-        self.values: dict[bytes, bytes] = {}  # key -> header + block bytes
+        self.values: dict[str, bytes] = {}  # object name (namespace and key) -> header + block bytes
         self.broken = False  # a test's "medium unreachable" switch
         self.stats = MemoryStats()
         self._lock = threading.Lock()
@@ -61,7 +61,7 @@ class MemoryTier:
             rows = [pool[s].numpy() for s in pool_slots]
             values = [framing.header(k, row) + row.tobytes() for k, row in zip(keys, rows)]
             with self._lock:
-                self.values.update(zip(map(bytes, keys), values))
+                self.values.update(zip(map(framing.name, keys), values))
                 self.stats.blocks_written += len(keys)
             return IoResult([True] * len(keys), sum(row.nbytes for row in rows))
         return self._io.submit(put)
@@ -75,7 +75,7 @@ class MemoryTier:
             ok, moved = [], 0
             for key, slot in zip(keys, pool_slots):
                 with self._lock:
-                    value = self.values.get(bytes(key))
+                    value = self.values.get(framing.name(key))
                 data = None if value is None else np.frombuffer(value, np.uint8, offset=HEADER_BYTES)
                 good = data is not None and framing.verify(value, key, data)
                 if good:
@@ -93,7 +93,9 @@ class MemoryTier:
 
     def lookup(self, keys: Sequence[bytes]) -> Future[list[bool]]:
         with self._lock:
-            return completed([not self.broken and bytes(k) in self.values for k in keys])
+            framing = self.framing
+            return completed([not self.broken and framing is not None and framing.name(k) in self.values
+                              for k in keys])
 
     def recover(self) -> list:
         return []  # the store outlives us; its blocks are found by lookup, not at start-up
@@ -102,7 +104,8 @@ class MemoryTier:
         pass  # keyed and shared: the store decides what to evict
 
     def invalidate_all(self) -> None:
-        pass  # values are namespaced by the model; the index drops this instance's view
+        if self.framing is not None:  # the next reset epoch: a new namespace; writes in flight keep theirs
+            self.framing = self.framing.after_reset()
 
     def close(self) -> None:
         self._closed = True

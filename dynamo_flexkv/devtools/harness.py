@@ -39,6 +39,21 @@ class EngineError(RuntimeError):
     pass
 
 
+class InPlaceWeights:
+    """vLLM worker extension (`worker_extension_cls`): hand the running model new weights as tensors, as
+    an RL loop does after a training step; call with `llm.collective_rpc("load_weights_from", ...)`."""
+
+    def load_weights_from(self, model_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(model_dir, "model.safetensors"))
+        # vLLM's in-place reload: loading into the parameters alone misses the CPU kernels' repacked copies
+        self.reload_weights(weights_iterator=iter(tensors.items()))
+
+
+WEIGHT_SWAP = f"{__name__}.{InPlaceWeights.__qualname__}"  # the engine argument worker_extension_cls to pass
+
+
 class EngineHost:
     """`child_setup` ("module:function") runs in the engine process before vLLM starts, e.g. to make
     the engine behave as another vLLM version does (tests/vllm_versions.py). `netns`: the name of a
@@ -95,6 +110,18 @@ class EngineHost:
     def reset_cache(self) -> bool:
         """vLLM's prefix-cache reset, connectors included."""
         return self.call("reset_cache")
+
+    def generate_across_weight_update(self, prompts: list[list[int]], max_tokens: int, steps_before: int,
+                                      weights: str, timeout_s: float = 600) -> dict[str, Any]:
+        """Greedy completions of `prompts`, submitted together. After `steps_before` engine steps the
+        weights are replaced in place by the model in directory `weights` (the engine needs
+        `worker_extension_cls=WEIGHT_SWAP`) and the cache is reset as RL loops do, running requests and
+        connector included. Returns `token_ids` per prompt, `before_reset` (tokens each had then),
+        `saves_in_flight` (FlexKV's pending stores' blocks then, `heads`: those that start a prompt),
+        `lower_tier_jobs` (spills and stagings in flight then), and `hit_blocks` (FlexKV's hits per tier)
+        and `loaded_tokens` counted after the reset."""
+        return self.call("generate_across_weight_update", timeout_s, prompts=prompts, max_tokens=max_tokens,
+                         steps_before=steps_before, weights=weights)
 
     def drain(self) -> None:
         """Step the engine until its connector (FlexKV or another) has no load or save in flight."""
@@ -184,6 +211,8 @@ def _serve(conn, model: str, engine_kwargs: dict[str, Any], env: dict[str, str |
                     raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
             elif command == "reset_cache":  # what vLLM does e.g. after a weight update
                 result = engine.reset_prefix_cache(reset_connector=True)
+            elif command == "generate_across_weight_update":
+                result = _generate_across_weight_update(llm, side, **message)
             else:
                 raise ValueError(f"unknown command {command!r}")
             conn.send({"result": result})
@@ -221,6 +250,43 @@ def _generate(engine, side, prompts: list[list[int]], max_tokens: int | list[int
             results[i]["flexkv_tokens"] = loaded if len(batch) == 1 else 0
         _drain(engine, side)
     return [results[i] for i in range(len(prompts))]
+
+
+def _generate_across_weight_update(llm, side, prompts: list[list[int]], max_tokens: int, steps_before: int,
+                                   weights: str) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+
+    def step() -> None:
+        for out in engine.step():
+            tokens[int(out.request_id)] = list(out.outputs[0].token_ids)
+
+    for _ in range(steps_before):
+        step()
+    before = [len(tokens[i]) for i in range(len(prompts))]
+    heads = {_block_hashes(engine, p)[0] for p in prompts}
+    pending = [plan.keys for plan in side.engine.pending_stores().values()]
+    lower_tier_jobs = side.tiers.num_pending
+    llm.collective_rpc("load_weights_from", args=(weights,))
+    if not engine.reset_prefix_cache(reset_running_requests=True, reset_connector=True):
+        raise RuntimeError("vLLM refused the cache reset")
+    hits, loaded = dict(side.engine.snapshot().hit_blocks), side.loaded_tokens
+    while engine.has_unfinished_requests():
+        step()
+    _drain(engine, side)
+    return {
+        "token_ids": [tokens[i] for i in range(len(prompts))],
+        "before_reset": before,
+        "saves_in_flight": {"blocks": sum(map(len, pending)), "heads": sum(keys[0] in heads for keys in pending)},
+        "lower_tier_jobs": lower_tier_jobs,
+        "hit_blocks": {tier: n - hits[tier] for tier, n in side.engine.snapshot().hit_blocks.items()},
+        "loaded_tokens": side.loaded_tokens - loaded,
+    }
 
 
 def _block_hashes(engine, prompt: list[int]) -> list[bytes]:

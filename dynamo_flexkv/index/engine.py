@@ -7,6 +7,9 @@ found in a shared tier, ``touch``, ``reset`` and
 ``take_events``. A plan names the tiers and slots to move; the data plane executes it and the
 caller acknowledges it exactly once, which commits or rolls back what the plan reserved.
 
+A reset is a barrier: every plan belongs to the reset epoch it was made in, and a plan of an earlier
+epoch commits nothing (after a weight update, bytes copied before the reset hold the old weights' KV).
+
 Tiers are ordered fastest first. Stores land in the first (top) tier; every lower tier is filled
 by its own spills (write-through fanned out from the top tier, so no tier is read to fill another)
 and read back by staging into the top tier, from which every load reaches the GPU. Not thread-safe: vLLM's scheduler is the one caller.
@@ -41,12 +44,14 @@ class _PendingStore:
     plan: StorePlan
     parents: tuple[bytes | None, ...]
     groups: tuple[int, ...] | None  # KV-cache group masks of the plan's keys (None: every group)
+    epoch: int  # the reset epoch it was planned in
 
 
 @dataclass(slots=True)
 class _PendingLoad:
     plan: LoadPlan
     first_parent: bytes | None  # the block before keys[0], for staged blocks' Stored events
+    epoch: int  # the reset epoch it was planned in
     locked: list[bytes] = field(default_factory=list)  # keys this load holds locked in the top tier
     staging: bool = False  # staged blocks not yet acknowledged by complete_stage
 
@@ -71,8 +76,9 @@ class CacheEngine:
         self._events: list[TierEvent] = []
         self._loads: dict[str, _PendingLoad] = {}
         self._stores: dict[str, _PendingStore] = {}
-        self._spills: dict[int, SpillPlan] = {}
+        self._spills: dict[int, tuple[SpillPlan, int]] = {}  # spill id -> (plan, its reset epoch)
         self._new_spills: list[SpillPlan] = []
+        self._epoch = 0  # resets so far: plans of an earlier epoch commit nothing
         self._spill_ids = itertools.count(1)
         # Lower tiers that cannot take writes now (a degraded disk): no spill is planned into them,
         # since planning evicts readable blocks there for writes that would fail.
@@ -88,6 +94,15 @@ class CacheEngine:
     @property
     def tiers(self) -> tuple[TierIndex, ...]:
         return self._tiers
+
+    @property
+    def epoch(self) -> int:
+        """How many resets this engine has seen."""
+        return self._epoch
+
+    def top_state(self, key: bytes) -> BlockState | None:
+        """The state of ``key`` in the top tier, where stores land (None: absent)."""
+        return self._tiers[0].state_of(key)
 
     # ---- loads ---------------------------------------------------------------------------
 
@@ -172,7 +187,7 @@ class CacheEngine:
             staged.append(Staging(i, source.name, source.lock([keys[i]])[0]))
         plan = LoadPlan(request_id, top.name, tuple(keys), tuple(slots_of[key] for key in keys), tuple(staged))
         locked = [key for key, source in zip(keys, sources) if source is None]
-        self._loads[request_id] = _PendingLoad(plan, first_parent, locked, staging=bool(staged))
+        self._loads[request_id] = _PendingLoad(plan, first_parent, self._epoch, locked, staging=bool(staged))
         return plan
 
     def complete_stage(self, request_id: str, ok: Sequence[bool]) -> int:
@@ -180,13 +195,17 @@ class CacheEngine:
 
         Good blocks become READY in the top tier (announced; locked for this load). A bad block is
         dropped from its lower tier (its bytes cannot be trusted) and it and every block after it
-        are not loaded. Returns how many leading blocks of the plan can be loaded.
+        are not loaded. Returns how many leading blocks of the plan can be loaded: none if the plan
+        predates a reset (its blocks hold KV of before it), whose staged blocks are never committed.
         """
         pending = self._loads[request_id]
         plan, top = pending.plan, self._tiers[0]
         if not pending.staging or len(ok) != len(plan.staged):
             raise ValueError(f"request {request_id}: expected {len(plan.staged)} staging results")
         pending.staging = False
+        if pending.epoch != self._epoch:
+            self._release_staged(plan)
+            return 0
         usable = next((s.index for s, good in zip(plan.staged, ok) if not good), len(plan.keys))
         committed, parents = [], []
         for staging, good in zip(plan.staged, ok):
@@ -220,7 +239,8 @@ class CacheEngine:
         """Finish the request's load: unlock its blocks. After a failure, ``bad_keys`` (blocks
         of this plan whose stored bytes cannot be trusted) are dropped from the top tier; returns
         the dropped keys. ``KeyError`` if the request has no load; ``ValueError`` (nothing
-        changed) if a bad key is not in the plan or staging was not acknowledged."""
+        changed) if a bad key is not in the plan or staging was not acknowledged. A load planned
+        before a reset only releases its blocks (dropped by the reset): no hit, nothing else dropped."""
         pending = self._loads[request_id]
         plan = pending.plan
         if pending.staging:
@@ -234,6 +254,8 @@ class CacheEngine:
         del self._loads[request_id]
         tier = self._by_name[plan.tier]
         tier.unlock(pending.locked)
+        if pending.epoch != self._epoch:
+            return []
         if success:
             staged = {plan.keys[s.index] for s in plan.staged}
             self._stats.hit_blocks[tier.name] += sum(key not in staged for key in pending.locked)
@@ -250,13 +272,17 @@ class CacheEngine:
         pending = self._loads.pop(request_id, None)
         if pending is None:
             return
-        plan, top = pending.plan, self._tiers[0]
-        top.unlock(pending.locked)
+        self._tiers[0].unlock(pending.locked)
         if pending.staging:
-            for staging in plan.staged:
-                key = plan.keys[staging.index]
-                self._by_name[staging.tier].unlock([key])
-                top.rollback([key])
+            self._release_staged(pending.plan)
+
+    def _release_staged(self, plan: LoadPlan) -> None:
+        """Free the top-tier slots of a load's staged blocks, and unlock their sources."""
+        top = self._tiers[0]
+        for staging in plan.staged:
+            key = plan.keys[staging.index]
+            self._by_name[staging.tier].unlock([key])
+            top.rollback([key])
 
     # ---- stores --------------------------------------------------------------------------
 
@@ -314,20 +340,21 @@ class CacheEngine:
             return None
         plan = StorePlan(request_id, tier.name, tuple(new_keys[:placed]), tuple(slots))
         self._stores[request_id] = _PendingStore(plan, tuple(new_parents[:placed]),
-                                                 None if groups is None else tuple(new_groups[:placed]))
+                                                 None if groups is None else tuple(new_groups[:placed]), self._epoch)
         return plan
 
     def complete_store(self, request_id: str, success: bool) -> bool:
         """Finish the request's store: on success its blocks become READY and are announced, and
         their write-through into the next tier is planned (see ``take_spills``); otherwise, or if
-        the block the plan extends is not READY (its own store failed, or has not completed yet),
-        they are rolled back (never announced, so nothing is published). Returns whether the
-        blocks were committed. ``KeyError`` if the request has no store in flight."""
+        the block the plan extends is not READY (its own store failed, or has not completed yet), or
+        the plan predates a reset, they are rolled back (never announced, so nothing is published).
+        Returns whether the blocks were committed. ``KeyError`` if the request has no store in flight."""
         pending = self._stores.pop(request_id)
         plan = pending.plan
         tier = self._by_name[plan.tier]
         first_parent = pending.parents[0]
-        if not success or (first_parent is not None and not tier.is_ready(first_parent)):
+        if (not success or pending.epoch != self._epoch
+                or (first_parent is not None and not tier.is_ready(first_parent))):
             tier.rollback(plan.keys)
             return False
         tier.commit(plan.keys, pending.groups)
@@ -380,7 +407,7 @@ class CacheEngine:
         keys_placed = tuple(new_keys[:placed])
         plan = SpillPlan(next(self._spill_ids), src.name, dst.name, keys_placed, tuple(new_parents[:placed]),
                          tuple(src.lock(keys_placed)), tuple(slots))
-        self._spills[plan.spill_id] = plan
+        self._spills[plan.spill_id] = (plan, self._epoch)
         return plan
 
     def take_spills(self) -> list[SpillPlan]:
@@ -391,10 +418,10 @@ class CacheEngine:
     def complete_spill(self, spill_id: int, ok: Sequence[bool]) -> int:
         """Acknowledge a spill; ``ok[i]`` is for ``keys[i]``. Blocks before the first failure become
         READY below and are announced; the rest are rolled back (a child is never kept without its
-        parent). Returns how many were committed."""
-        plan = self._spills.pop(spill_id)
+        parent), and all of them if the spill predates a reset. Returns how many were committed."""
+        plan, epoch = self._spills.pop(spill_id)
         src, dst = self._by_name[plan.src], self._by_name[plan.dst]
-        good = next((i for i, flag in enumerate(ok) if not flag), len(plan.keys))
+        good = next((i for i, flag in enumerate(ok) if not flag), len(plan.keys)) if epoch == self._epoch else 0
         src.unlock(plan.keys)
         dst.rollback(plan.keys[good:])
         if good:
@@ -425,11 +452,20 @@ class CacheEngine:
     # ---- whole cache ---------------------------------------------------------------------
 
     def reset(self) -> list[bytes]:
-        """Remove every block no plan is using, in every tier; returns their keys. Each tier
-        publishes one Cleared event. Plans in flight finish normally."""
+        """A barrier (e.g. the weights changed): nothing stored before it is matched after it, and
+        nothing planned before it commits after it, in any tier. Every READY block leaves: unused
+        ones at once, those a plan holds when it ends (DROPPED). Plans in flight complete without
+        committing (see ``complete_*``); spills not yet taken are released here, so they are never
+        written. Each tier publishes one Cleared event; returns the keys that left."""
+        self._epoch += 1
+        for plan in self._new_spills:
+            del self._spills[plan.spill_id]
+            self._by_name[plan.src].unlock(plan.keys)
+            self._by_name[plan.dst].rollback(plan.keys)
+        self._new_spills = []
         removed: list[bytes] = []
         for tier in self._tiers:
-            gone = tier.evict_all_unlocked()
+            gone = tier.clear()
             removed += gone
             if self._record_events:
                 self._events.append(Cleared(tier.name, tuple(gone)))

@@ -80,7 +80,7 @@ class Removed:
 @dataclass(frozen=True, slots=True)
 class Cleared:
     """``tier`` was reset: forget every block announced in it. ``keys`` are the blocks the
-    reset removed (blocks in use by a plan survive it)."""
+    reset took out (every READY one; those a plan still reads are freed when it ends)."""
 
     tier: str
     keys: tuple[bytes, ...] = ()

@@ -316,6 +316,13 @@ class TierIndex:
             self._remove(key)
         return gone
 
+    def clear(self) -> list[bytes]:
+        """Make every READY block unmatchable (a cache reset); returns their keys. Unused ones are
+        removed, locked ones DROPPED (freed by their last unlock, so no reader's slot is reused under
+        it). WRITING blocks belong to their writers, who roll them back."""
+        gone = self.evict_all_unlocked()
+        return gone + self.drop([key for key, entry in self._entries.items() if entry.state is _READY])
+
     # ---- internals -----------------------------------------------------------------------
 
     def _evict(self, count: int) -> list[bytes]:

@@ -108,8 +108,9 @@ class TierBackend(Protocol):
 
     def invalidate_all(self) -> None:
         """A cache reset (e.g. the weights changed): nothing this instance stored may be served again,
-        not even after a restart. A shared store's values are namespaced by the model, so there it
-        only drops this instance's view."""
+        not even after a restart. A shared store moves this instance to its next reset epoch, a new
+        namespace (values stay for instances that have not reset); a write submitted before the call
+        lands in the namespace of before it."""
 
     def close(self) -> None:
         """Let in-flight work finish (bounded), release everything. Idempotent."""

@@ -43,7 +43,6 @@ class TierStack:
         self.engine = CacheEngine(indexes, record_events=record_events)
         self.media: dict[str, str | None] = {CPU_TIER: "CPU", **{b.name: b.medium for b in self.backends}}
         self.io = None
-        self.shared: SharedLookups | None = None
         if self.backends:
             try:
                 pool = CpuBlockPool(facts.identity, facts.geometry).tensor
@@ -63,9 +62,12 @@ class TierStack:
                 self.recovered[backend.name] = found
             logger.info("tier %s: %d addresses, %d blocks found from an earlier run", backend.name,
                         backend.num_slots, len(found))
-        shared = [b for b in self.backends if b.shared]
-        if shared:  # one shared tier: the cluster store
-            self.shared = SharedLookups(self.engine, shared[0], settings.remote_timeout_s, ABSENT_TTL_S)
+        self._remote_timeout_s = settings.remote_timeout_s
+        self.shared = self._shared_lookups()
+
+    def _shared_lookups(self) -> SharedLookups | None:
+        shared = [b for b in self.backends if b.shared]  # one shared tier at most: the cluster store
+        return SharedLookups(self.engine, shared[0], self._remote_timeout_s, ABSENT_TTL_S) if shared else None
 
     @property
     def names(self) -> list[str]:
@@ -109,11 +111,14 @@ class TierStack:
         self.engine.unwritable = {b.name for b in self.backends if not b.writable}
 
     def reset(self) -> None:
-        """Drop every unlocked block from every tier, on disk too: after a weight update no stored KV
-        may be served, not even after a restart."""
+        """A barrier (after a weight update): no stored KV is served again, not even after a restart, and
+        nothing planned before it commits after it (`CacheEngine.reset`). Each backend forgets what it
+        holds (a shared store moves this instance to a new namespace), and shared-tier answers asked
+        before the reset are not believed after it."""
         self.engine.reset()
         for backend in self.backends:
             backend.invalidate_all()
+        self.shared = self._shared_lookups()
 
     @property
     def num_pending(self) -> int:

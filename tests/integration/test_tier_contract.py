@@ -42,8 +42,8 @@ def open_memory(tmp_path) -> Iterator[Tier]:
     tier = MemoryTier(num_slots=POOL_SLOTS)
 
     def corrupt(key: bytes, addr: int) -> None:
-        value = tier.values[key]
-        tier.values[key] = value[:-1] + bytes([value[-1] ^ 0xFF])
+        name = tier.framing.name(key)
+        tier.values[name] = tier.values[name][:-1] + bytes([tier.values[name][-1] ^ 0xFF])
 
     yield Tier(tier, corrupt, lambda: setattr(tier, "broken", True))
 
@@ -184,6 +184,20 @@ def test_close_is_idempotent_and_later_io_misses(tier, pool):
     b.close()
     assert done(b.write(pool, [0], [0], ks)).ok == [False]
     assert done(b.read(pool, [0], [8], ks)).ok == [False]
+
+
+def test_after_invalidate_all_nothing_written_before_is_found(tier, pool):
+    """A cache reset (the weights changed): values written before it, or submitted before it and
+    landing after it, are never read or found again; writes after it are."""
+    b, ks = tier.backend, keys(3, "reset")
+    done(b.write(pool, [0], [0], ks[:1]))
+    in_flight = b.write(pool, [1], [1], ks[1:2])
+    b.invalidate_all()
+    done(in_flight)
+    assert done(b.read(pool, [0, 1], [8, 9], ks[:2])).ok == [False, False]
+    assert b.lookup(ks[:2]).result(timeout=TIMEOUT) == [False, False]
+    assert done(b.write(pool, [2], [2], ks[2:])).ok == [True]
+    assert done(b.read(pool, [2], [10], ks[2:])).ok == [True] and torch.equal(pool[10], pool[2])
 
 
 def test_recover_lists_key_address_parent_triples(tier):

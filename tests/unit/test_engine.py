@@ -228,24 +228,94 @@ def test_eviction_publishes_removed_and_store_is_a_prefix_when_full() -> None:
     engine.tiers[0].verify()
 
 
-def test_reset_clears_unused_blocks_and_plans_in_flight_finish() -> None:
+def two_tier_engine(num_slots: int = 16) -> CacheEngine:
+    return CacheEngine([TierIndex(name, num_slots, make_policy("lru", num_slots)) for name in ("CPU", "SSD")])
+
+
+def test_reset_takes_out_every_ready_block_even_those_a_load_holds() -> None:
     engine = make_engine()
-    a, b, c = chain("a", 2), chain("b", 2), chain("c", 2)
+    a, b = chain("a", 2), chain("b", 2)
     store(engine, "s", a)
     store(engine, "s", b)
     engine.prepare_load("load", b)
-    engine.prepare_store("store", c, parents_of(c))
     engine.take_events()
-    assert sorted(engine.reset()) == sorted(a)
+    assert sorted(engine.reset()) == sorted(a + b)
     [cleared] = engine.take_events()
-    assert isinstance(cleared, Cleared) and cleared.tier == "CPU"
-    assert sorted(cleared.keys) == sorted(a)
-    assert engine.lookup(a) == 0 and engine.lookup(b) == 2
-    engine.complete_load("load", True)
-    engine.complete_store("store", True)
-    assert engine.lookup(c) == 2
-    assert engine.pending_loads() == {} and engine.pending_stores() == {}
+    assert isinstance(cleared, Cleared) and cleared.tier == "CPU" and sorted(cleared.keys) == sorted(a + b)
+    assert engine.lookup(a) == 0 and engine.lookup(b) == 0, "a block a load holds is not matched after a reset"
+    assert engine.tiers[0].num_used == 2  # its slots stay the reader's until it ends
+    assert engine.complete_load("load", True) == []
+    assert engine.snapshot().hit_blocks == {"CPU": 0}, "no hit on KV of before the reset"
+    assert engine.tiers[0].num_used == 0 and engine.take_events() == []
     engine.tiers[0].verify()
+
+
+def test_a_store_planned_before_a_reset_commits_nothing_after_it() -> None:
+    engine = make_engine()
+    a, c = chain("a", 2), chain("c", 3)
+    store(engine, "s", a)
+    engine.prepare_store("store", c, parents_of(c))
+    engine.reset()
+    engine.take_events()
+    assert engine.complete_store("store", True) is False
+    assert engine.lookup(c) == 0 and engine.tiers[0].num_used == 0
+    assert engine.take_events() == [] and engine.take_spills() == []
+    assert engine.snapshot().stored_blocks == {"CPU": 2}
+    store(engine, "again", c)  # plans made after the reset commit as usual
+    assert engine.lookup(c) == 3
+    engine.tiers[0].verify()
+
+
+def test_spills_planned_before_a_reset_are_never_written_or_committed() -> None:
+    engine = two_tier_engine()
+    a, b = chain("a", 2), chain("b", 2)
+    store(engine, "sa", a)
+    [taken] = engine.take_spills()  # handed to the data plane before the reset
+    store(engine, "sb", b)  # its spill is planned, not yet taken
+    engine.reset()
+    engine.take_events()
+    assert engine.take_spills() == [], "a spill not yet written is released, never written"
+    assert engine.complete_spill(taken.spill_id, [True, True]) == 0
+    assert engine.take_events() == []
+    cpu, ssd = engine.tiers
+    assert engine.lookup(a + b) == 0 and cpu.num_used == 0 and ssd.num_used == 0
+    assert cpu.num_locked == 0
+    cpu.verify()
+    ssd.verify()
+
+
+def test_a_staging_planned_before_a_reset_delivers_nothing() -> None:
+    engine = two_tier_engine()
+    keys = chain("k", 3)
+    store(engine, "s", keys)
+    [spill] = engine.take_spills()
+    engine.complete_spill(spill.spill_id, [True] * 3)
+    engine.tiers[0].drop(keys[1:])  # only the first block is still in the CPU tier
+    plan = engine.prepare_load("r", keys)
+    assert [s.index for s in plan.staged] == [1, 2]
+    engine.reset()
+    engine.take_events()
+    assert engine.complete_stage("r", [True, True]) == 0, "none of the plan may be loaded"
+    assert engine.complete_load("r", True) == []
+    assert engine.take_events() == [] and engine.snapshot().hit_blocks == {"CPU": 0, "SSD": 0}
+    cpu, ssd = engine.tiers
+    assert cpu.num_used == 0 and ssd.num_used == 0 and engine.lookup(keys) == 0
+    cpu.verify()
+    ssd.verify()
+
+
+def test_a_load_cancelled_across_a_reset_frees_its_slots() -> None:
+    engine = two_tier_engine()
+    keys = chain("k", 2)
+    store(engine, "s", keys)
+    [spill] = engine.take_spills()
+    engine.complete_spill(spill.spill_id, [True, True])
+    engine.tiers[0].drop(keys)
+    engine.prepare_load("r", keys)
+    engine.reset()
+    engine.cancel_load("r")
+    assert [tier.num_used for tier in engine.tiers] == [0, 0]
+    assert engine.epoch == 1
 
 
 def test_events_can_be_turned_off() -> None:

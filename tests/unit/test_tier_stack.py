@@ -3,6 +3,7 @@ off the scheduler's thread ("ask again later"), and the start-up refusals of a s
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from concurrent.futures import Future
@@ -174,3 +175,41 @@ def test_spills_planned_in_one_step_go_to_each_tier_as_one_batch(stacks):
     settle(stack)
     assert writes == [chain("a", 2) + chain("b", 3)]
     assert stack.engine.tiers[1].match(chain("a", 2)) == 2 and stack.engine.tiers[1].match(chain("b", 3)) == 3
+
+
+def test_a_shared_tier_answer_asked_before_a_reset_is_not_believed_after_it(stacks):
+    cluster = named("CLUSTER")
+    writer, reader = stacks(cluster), stacks(cluster)
+    keys = chain("w", 3)
+    store(writer.engine, "w", keys)
+    settle(writer)
+    answer: Future = Future()
+    ask = cluster.lookup
+    cluster.lookup = lambda keys: answer
+    assert reader.lookup("r", keys, None) is None  # asked before the reset
+    reader.reset()
+    answer.set_result([True] * 3)  # "present": true of the namespace of before the reset
+    cluster.lookup = ask
+    until(lambda: reader.lookup("r", keys, None) is not None, "an answer")
+    assert reader.lookup("r", keys, None) == 0 and reader.engine.tiers[1].num_used == 0
+
+
+def test_a_spill_in_flight_at_a_reset_is_neither_committed_nor_found_after_it(stacks):
+    cluster = named("CLUSTER")
+    stack = stacks(cluster)
+    gate = threading.Event()
+    cluster._io.submit(gate.wait, DEADLINE_S)  # the store's thread is busy: the spill waits behind it
+    old, new = chain("old", 2), chain("new", 2)
+    store(stack.engine, "s", old)
+    stack.advance()
+    assert stack.num_pending == 1
+    stack.reset()
+    gate.set()
+    settle(stack)
+    cpu, shared = stack.engine.tiers
+    assert cpu.num_used == 0 and shared.num_used == 0 and cpu.num_locked == 0
+    assert cluster.lookup(old).result() == [False, False], "written before the reset: another namespace"
+    assert not any(isinstance(e, Stored) and e.tier == "CLUSTER" for e in stack.engine.take_events())
+    store(stack.engine, "s2", new)  # after the reset, the cascade works as before
+    settle(stack)
+    assert shared.match(new) == 2 and cluster.lookup(new).result() == [True, True]

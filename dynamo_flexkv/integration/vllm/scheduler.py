@@ -13,6 +13,9 @@ Request flow (see docs/architecture.md):
    prompt only); `request_finished` does the same for what is left and asks vLLM to keep the GPU
    blocks until every save of the request landed. A request vLLM preempted in this step has its
    computed blocks saved in `handle_preemptions`, before the step reuses them.
+   A cache reset (`reset_cache`, e.g. after a weight update) is a barrier: what was planned before it
+   commits nothing after it (see `CacheEngine.reset`), and KV a request computed or loaded before it
+   is never saved (vLLM preempts running requests first with `reset_running_requests`).
 4. `update_connector_output` commits (or rolls back) what the workers finished; only then do blocks
    become matchable and visible to the router as events. Committed blocks are written through to
    every lower tier in the background.
@@ -42,6 +45,7 @@ from vllm.v1.request import Request
 from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.index.groups import held_groups, usable_hit
 from dynamo_flexkv.index.plans import LoadPlan, StorePlan, Stored
+from dynamo_flexkv.index.tier import BlockState
 from dynamo_flexkv.integration.vllm.compat import NULL_BLOCK_ID
 from dynamo_flexkv.integration.vllm.events import EventTranslator
 from dynamo_flexkv.integration.vllm.metadata import BlockTransfer, FlexKVStepMetadata, FlexKVWorkerReport
@@ -60,6 +64,7 @@ class _Tracked:
     block_ids: list[list[int]]  # its GPU blocks per KV-cache group, as the scheduler output says
     kv_tokens: int = 0  # tokens whose KV the steps scheduled so far compute
     next_block: int = 0  # blocks before it are in the CPU tier or being written there
+    stale: bool = False  # its KV predates the last cache reset: never saved (until it is recomputed)
 
 
 class SchedulerSide:
@@ -235,6 +240,8 @@ class SchedulerSide:
         (prompt blocks only under the `prompt` policy); the copy to hand to the workers, or None.
         `num_computed`: tokens computed when vLLM last freed blocks outside a sliding window (or
         more): such blocks' KV is left out of the save."""
+        if tracked.stale:
+            return None
         request, size = tracked.request, self.block_size
         end = min(kv_tokens // size, len(request.block_hashes), max(map(len, tracked.block_ids)))
         if self.save_policy == "prompt":
@@ -253,12 +260,12 @@ class SchedulerSide:
         plan = self.engine.prepare_store(save_id, keys, parents, masks)
         # Blocks the tier now holds or is writing need no later save; a block that found no slot
         # (or whose parent is not in the tier yet) is tried again in a later step.
-        top = self.engine.tiers[0]
-        while tracked.next_block < end and top.state_of(request.block_hashes[tracked.next_block]) is not None:
+        top_state = self.engine.top_state
+        while tracked.next_block < end and top_state(request.block_hashes[tracked.next_block]) is not None:
             tracked.next_block += 1
         if tracked.next_block < end:  # a block was left out: no slot, or its parent is still being written
             parent = request.block_hashes[tracked.next_block - 1] if tracked.next_block else None
-            if parent is None or top.is_ready(parent) or (plan is not None and parent in plan.keys):
+            if parent is None or top_state(parent) is BlockState.READY or (plan is not None and parent in plan.keys):
                 self._stats.add("allocation_failures", 1)
         if plan is None:
             return None
@@ -322,7 +329,8 @@ class SchedulerSide:
 
     def _save_preempted(self, preempted: Iterable[str]) -> None:
         """vLLM freed these requests' blocks in this step: save what they computed before the step
-        reuses them (the workers do it in `handle_preemptions`)."""
+        reuses them (the workers do it in `handle_preemptions`); not what predates a cache reset (the
+        requests `reset_running_requests` preempted), which they recompute."""
         for request_id in preempted:
             tracked = self._tracked.get(request_id)
             if tracked is None:
@@ -335,7 +343,7 @@ class SchedulerSide:
             self._step.preempted.append(request_id)
             logger.info("request preempted: request=%s computed_tokens=%d saved_blocks=%d", request_id,
                         tracked.kv_tokens, len(save.block_ids[0]) if save else 0)
-            tracked.block_ids, tracked.kv_tokens = [[] for _ in self.groups], 0
+            tracked.block_ids, tracked.kv_tokens, tracked.stale = [[] for _ in self.groups], 0, False
 
     def _advance_lower_tiers(self) -> None:
         """Hand out the GPU copies of finished stagings; the stack commits spills and starts new ones."""
@@ -380,7 +388,8 @@ class SchedulerSide:
         if not ok:
             logger.warning("save failed, slots released: request=%s save=%s", request_id, save_id)
         elif not committed:
-            logger.info("save dropped, the block it extends was not stored: request=%s save=%s", request_id, save_id)
+            logger.info("save dropped, planned before a cache reset or the block it extends was not stored: "
+                        "request=%s save=%s", request_id, save_id)
 
     def _complete_load(self, plan: LoadPlan | None, report: FlexKVWorkerReport) -> None:
         if plan is None:
@@ -403,8 +412,21 @@ class SchedulerSide:
         return restored + self.events.translate(tier_events)
 
     def reset_cache(self) -> bool:
+        """vLLM's connector reset (after a weight update, RL loops call `reset_prefix_cache(
+        reset_running_requests=True, reset_connector=True)`: vLLM preempts the running requests, then
+        calls this). Nothing stored or planned before it is matched or committed after it, in any tier,
+        and no request saves KV computed or loaded before it."""
+        for request_id in list(self._matched):
+            self._release_match(request_id)
+        stale = 0
+        for request_id, tracked in self._tracked.items():
+            tracked.stale = any(tracked.block_ids) or request_id in self._loading
+            tracked.next_block = 0
+            stale += tracked.stale
         self.tiers.reset()  # every tier, on disk too
-        logger.info("cache reset: every unlocked block dropped")
+        logger.info("cache reset: reset epoch %d, every block dropped, %d saves and %d loads in flight commit "
+                    "nothing, %d requests' earlier KV never saved", self.engine.epoch, len(self._saving),
+                    len(self._loading), stale)
         return True
 
     def _tier_io(self) -> dict[str, tuple[int, int]]:

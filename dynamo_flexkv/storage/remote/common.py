@@ -5,7 +5,8 @@ the layout namespace and the block key and carries the xxh3-64 of the bytes, so 
 that the value is this block of this model/layout and that its bytes are intact: anything else is
 a miss. Object names are `flexkv/<namespace>/<key hex>`; the namespace hashes the instance's layout
 (model, KV dtype, block size, layers, TP size, block-hash algorithm and seed), so two models or
-layouts never collide in one store.
+layouts never collide in one store. Each cache reset of the instance moves it to the next *reset
+epoch*, folded into the namespace: nothing written before a reset is read after it.
 """
 
 from __future__ import annotations
@@ -49,11 +50,17 @@ class RemoteStats(TierIOStats):
 
 
 class Framing:
-    def __init__(self, layout: Mapping[str, Any], slot_bytes: int):
-        self.namespace = namespace_of(layout)
+    def __init__(self, layout: Mapping[str, Any], slot_bytes: int, reset_epoch: int = 0):
+        self.layout = dict(layout)
+        self.reset_epoch = reset_epoch
+        self.namespace = namespace_of({**layout, "reset_epoch": reset_epoch} if reset_epoch else layout)
         self._digest = bytes.fromhex(self.namespace)
         self.slot_bytes = slot_bytes
         self.value_bytes = HEADER_BYTES + slot_bytes
+
+    def after_reset(self) -> Framing:
+        """The framing of the next reset epoch (a new namespace)."""
+        return Framing(self.layout, self.slot_bytes, self.reset_epoch + 1)
 
     def name(self, key: bytes) -> str:
         return f"flexkv/{self.namespace}/{bytes(key).hex()}"

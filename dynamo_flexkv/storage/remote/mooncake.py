@@ -120,7 +120,7 @@ class MooncakeTier(RemoteTierBase):
         if not self._usable(keys):
             self.stats.write_failed_blocks += len(keys)
             return failed_io(len(keys))
-        return self._io.submit(self._guarded, self._put, pool, list(pool_slots), list(keys))
+        return self._io.submit(self._guarded, self._put, pool, list(pool_slots), list(keys), self._framing)
 
     def read(self, pool, addrs: Sequence[int], pool_slots: Sequence[int], keys: Sequence[bytes]) -> Future[IoResult]:
         if not self._usable(keys):
@@ -136,7 +136,7 @@ class MooncakeTier(RemoteTierBase):
     def _usable(self, keys: Sequence[bytes]) -> bool:
         return bool(keys) and not self._closed and self._health.may_try()
 
-    def _guarded(self, op, pool, pool_slots: list[int], keys: list[bytes]) -> IoResult:
+    def _guarded(self, op, pool, pool_slots: list[int], keys: list[bytes], *args) -> IoResult:
         """Run a data call; whatever goes wrong, the answer is per-block misses."""
         try:
             if self._store is None:
@@ -144,7 +144,7 @@ class MooncakeTier(RemoteTierBase):
                 if problem is not None:
                     self._health.failed(problem)
                     return IoResult([False] * len(keys), 0)
-            return op(pool, pool_slots, keys)
+            return op(pool, pool_slots, keys, *args)
         except Exception as exc:
             self.stats.errors += 1
             logger.exception("tier %s: %s of %d blocks failed", self.name, op.__name__.strip("_"), len(keys))
@@ -169,8 +169,9 @@ class MooncakeTier(RemoteTierBase):
         ptrs = [[header_base + s * HEADER_BYTES, base + s * slot_bytes] for s in pool_slots]
         return rows, ptrs, [[HEADER_BYTES, slot_bytes]] * len(pool_slots)
 
-    def _put(self, pool, pool_slots: list[int], keys: list[bytes]) -> IoResult:
-        framing = self._framing
+    def _put(self, pool, pool_slots: list[int], keys: list[bytes], framing: Framing) -> IoResult:
+        # `framing` is the namespace of when the write was submitted: one planned before a reset lands
+        # in the namespace of before it
         rows, ptrs, sizes = self._buffers(pool, pool_slots)
         headers = self._pools[rows.ctypes.data][1]
         for key, slot in zip(keys, pool_slots):  # the index keeps these slots locked until acknowledged
@@ -238,7 +239,7 @@ class MooncakeTier(RemoteTierBase):
         pass  # the master decides what to evict; the index only forgets
 
     def invalidate_all(self) -> None:
-        pass  # values are namespaced by the model; the index drops this instance's view
+        self._framing = self._framing.after_reset()
 
     def close(self) -> None:
         if self._closed:

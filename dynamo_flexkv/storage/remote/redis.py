@@ -66,7 +66,7 @@ class RedisTier(RemoteTierBase):
         if not self._usable(keys):
             self.stats.write_failed_blocks += len(keys)
             return failed_io(len(keys))
-        return self._io.submit(self._put, pool.numpy(), list(pool_slots), list(keys))
+        return self._io.submit(self._put, pool.numpy(), list(pool_slots), list(keys), self._framing)
 
     def read(self, pool, addrs: Sequence[int], pool_slots: Sequence[int], keys: Sequence[bytes]) -> Future[IoResult]:
         if not self._usable(keys):
@@ -82,8 +82,9 @@ class RedisTier(RemoteTierBase):
     def _usable(self, keys: Sequence[bytes]) -> bool:
         return bool(keys) and not self._closed and self._health.may_try()
 
-    def _put(self, rows: np.ndarray, pool_slots: list[int], keys: list[bytes]) -> IoResult:
-        framing = self._framing
+    def _put(self, rows: np.ndarray, pool_slots: list[int], keys: list[bytes], framing: Framing) -> IoResult:
+        # `framing` is the namespace of when the write was submitted: one planned before a reset lands
+        # in the namespace of before it
         pipe = self._client.pipeline(transaction=False)
         for key, slot in zip(keys, pool_slots):
             row = rows[slot]  # locked by the index until this write is acknowledged
@@ -148,7 +149,7 @@ class RedisTier(RemoteTierBase):
         pass  # Redis decides what to evict; the index only forgets
 
     def invalidate_all(self) -> None:
-        pass  # values are namespaced by the model; the index drops this instance's view
+        self._framing = self._framing.after_reset()
 
     def close(self) -> None:
         if self._closed:
