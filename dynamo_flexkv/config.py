@@ -45,6 +45,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dynamo_flexkv.logs import redact_url
+
 __all__ = [
     "CONFIG_PATH_ENV",
     "ENV_PREFIX",
@@ -86,7 +88,7 @@ _RETIRED = {
 }
 _FALSE_WORDS = ("", "0", "false", "no", "off")
 
-_REMOTE_SCHEMES = ("mooncake", "redis")
+_REMOTE_SCHEMES = ("mooncake", "redis", "rediss")
 _PORT_SCHEMES = ("ipc://", "tcp://")
 _MAX_VALUE_REPR = 400
 
@@ -264,10 +266,11 @@ class FlexKVSettings(BaseModel):
     remote_store: Optional[str] = Field(
         None,
         description="URL of a cluster-wide KV store shared by all instances: a Mooncake master "
-        "(mooncake://host:port) or Redis (redis://host:port[/db]). Unset disables the remote "
-        "tier.",
+        "(mooncake://host:port) or Redis (redis://[user:password@]host:port[/db], or rediss:// "
+        "for TLS, see remote_tls_ca_file). A password (percent-encoded where it holds @ : /) is "
+        "shown as *** in every log line and error. Unset disables the remote tier.",
         json_schema_extra={
-            "x-allowed": "unset, mooncake://host:port or redis://host:port[/db]",
+            "x-allowed": "unset, mooncake://host:port or redis[s]://[user:password@]host:port[/db]",
             "x-default": "unset",
         },
     )
@@ -314,6 +317,33 @@ class FlexKVSettings(BaseModel):
         description="Longest a remote lookup may stay unanswered before it counts as a miss, and "
         "the retry interval of a degraded remote tier.",
         json_schema_extra={"x-allowed": "a number of seconds > 0 and <= 600"},
+    )
+
+    remote_tls_ca_file: Optional[str] = Field(
+        None,
+        description="Redis over TLS (rediss://) only: PEM file of the CA(s) the server's certificate "
+        "must chain to (its host name or IP is checked too). Unset: the system's trusted CAs.",
+        json_schema_extra={"x-allowed": "unset, or a path to a PEM file", "x-default": "unset"},
+    )
+    remote_tls_cert_file: Optional[str] = Field(
+        None,
+        description="Redis over TLS (rediss://) only: PEM client certificate, for a server that "
+        "requires one (redis-server --tls-auth-clients yes); needs remote_tls_key_file.",
+        json_schema_extra={"x-allowed": "unset, or a path to a PEM file", "x-default": "unset"},
+    )
+    remote_tls_key_file: Optional[str] = Field(
+        None,
+        description="Redis over TLS (rediss://) only: PEM private key of remote_tls_cert_file.",
+        json_schema_extra={"x-allowed": "unset, or a path to a PEM file", "x-default": "unset"},
+    )
+    remote_mac_key_file: Optional[str] = Field(
+        None,
+        description="File holding a secret (at least 16 bytes, e.g. `openssl rand -hex 32`) shared by "
+        "every instance of the store: each value then carries a keyed MAC over its header and bytes, "
+        "and a value written without this secret or changed in the store is a miss. Unset: values "
+        "carry a checksum, which any client that can write to the store can forge.",
+        json_schema_extra={"x-allowed": "unset, or a path to a file readable by this user",
+                           "x-default": "unset"},
     )
 
     # ---------------------------------------------------------------------------------------------
@@ -553,12 +583,17 @@ class _Source:
         return self.name(field)
 
     def describe(self, field: str, value: Any) -> str:
-        shown = repr(value)
+        shown = repr(_shown(field, value))
         if len(shown) > _MAX_VALUE_REPR:
             shown = shown[:_MAX_VALUE_REPR - 3] + "..."
         if self.kind == "file":
             return f"{field}={shown} in {self.path} ({CONFIG_PATH_ENV})"
         return f"{self.name(field)}={shown}"
+
+
+def _shown(field: str, value: Any) -> Any:
+    """A value fit for a log line or an error: a store URL's password is never shown."""
+    return redact_url(value) if field == "remote_store" and isinstance(value, str) else value
 
 
 _DIRECT = _Source("direct")
@@ -724,7 +759,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
         _log.info("dynamo-flexkv config: %s", line)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("dynamo-flexkv config: %s", ", ".join(
-            f"{f}={getattr(settings, f)!r} ({origins[f].label(f) if f in origins else 'default'})"
+            f"{f}={_shown(f, getattr(settings, f))!r} ({origins[f].label(f) if f in origins else 'default'})"
             for f in SETTING_NAMES))
     return settings
 
