@@ -6,6 +6,7 @@ A wrong password or an untrusted certificate is one start-up error line, or a de
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -130,3 +131,49 @@ def test_tls_settings_need_a_tls_store(tls):
     settings = FlexKVSettings(remote_store=f"mooncake://127.0.0.1:{free_port()}", remote_tls_ca_file=str(tls.ca))
     with pytest.raises(ValueError, match=r"remote_tls_ca_file applies to Redis over TLS \(rediss://\) only"):
         open_backend("mooncake", LAYOUT, SLOT, settings)
+
+
+@pytest.fixture(scope="module")
+def plain_redis(tmp_path_factory) -> Iterator[str]:
+    port = free_port()
+    with Deployment(tmp_path_factory.mktemp("redis-plain")) as services:
+        services.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                                 "--save", "", "--appendonly", "no"])
+        services.wait_for(redis.Redis(port=port).ping, 20, "redis-server answering")
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.mark.engine
+@pytest.mark.correctness("cluster-tier values MAC'd with one key, read by an engine with the same key and by one with another",
+                         "same key: every prompt block loaded, tokens identical; other key: zero hits, every value a miss, "
+                         "tokens identical to an engine without the connector")
+def test_engines_sharing_a_mac_key_share_kv_and_others_recompute(tiny_model, plain_redis, reference, tmp_path):
+    from dynamo_flexkv.devtools.harness import EngineHost
+    from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, random_prompt
+
+    ours, theirs = tmp_path / "ours.key", tmp_path / "theirs.key"
+    ours.write_text("one cluster's shared secret\n")
+    theirs.write_text("another cluster's secret\n")
+    rng = random.Random(7)
+    prompts = [random_prompt(rng, 4 * BLOCK + 5) for _ in range(3)]
+    expected = [c.token_ids for c in reference.generate(prompts, max_tokens=8, one_at_a_time=True)]
+
+    def engine(key_file) -> EngineHost:
+        env = {"FLEXKV_CPU_CACHE_GB": "0.001", "FLEXKV_REMOTE_STORE": plain_redis, "FLEXKV_REMOTE_TIMEOUT_S": "2",
+               "FLEXKV_REMOTE_MAC_KEY_FILE": str(key_file)}
+        return EngineHost(tiny_model, {**ENGINE, "kv_transfer_config": COMPAT_CONFIG}, env=env)
+
+    with engine(ours) as writer:
+        assert [c.token_ids for c in writer.generate(prompts, max_tokens=8, one_at_a_time=True)] == expected
+        assert writer.flexkv_state()["redis"]["blocks_written"] == 4 * len(prompts)
+    with engine(ours) as peer:
+        shared = peer.generate(prompts, max_tokens=8, one_at_a_time=True)
+        shared_state = peer.flexkv_state()
+    with engine(theirs) as stranger:  # last: what it recomputes overwrites the values under its own key
+        foreign = stranger.generate(prompts, max_tokens=8, one_at_a_time=True)
+        foreign_state = stranger.flexkv_state()
+    assert [c.token_ids for c in foreign] == expected and [c.token_ids for c in shared] == expected
+    assert foreign_state["engine_stats"]["hit_blocks"].get("REDIS", 0) == 0, foreign_state
+    assert foreign_state["redis"]["corrupt_blocks"] >= 4, foreign_state
+    assert shared_state["engine_stats"]["hit_blocks"]["REDIS"] == 4 * len(prompts), shared_state
+    assert shared_state["redis"]["corrupt_blocks"] == 0, shared_state
