@@ -128,6 +128,9 @@ def test_tls_settings_need_a_tls_store(tls):
     settings = FlexKVSettings(remote_store=f"rediss://127.0.0.1:{free_port()}/0", remote_tls_cert_file=str(tls.ca))
     with pytest.raises(ValueError, match="remote_tls_cert_file and remote_tls_key_file go together"):
         open_backend("rediss", LAYOUT, SLOT, settings)
+    settings = FlexKVSettings(remote_store=f"rediss://127.0.0.1:{free_port()}/0", remote_tls_ca_file="/nonexistent/ca.pem")
+    with pytest.raises(ValueError, match=r"remote_tls_ca_file=/nonexistent/ca.pem is invalid: not a readable file"):
+        open_backend("rediss", LAYOUT, SLOT, settings)
     settings = FlexKVSettings(remote_store=f"mooncake://127.0.0.1:{free_port()}", remote_tls_ca_file=str(tls.ca))
     with pytest.raises(ValueError, match=r"remote_tls_ca_file applies to Redis over TLS \(rediss://\) only"):
         open_backend("mooncake", LAYOUT, SLOT, settings)

@@ -18,6 +18,7 @@ returned, before it is copied into its pool slot.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,6 +90,9 @@ class RedisTier(RemoteTierBase):
             raise ValueError(f"{tls_given[0]} is set but remote_store={address} is not TLS: use rediss://")
         if bool(settings.remote_tls_cert_file) != bool(settings.remote_tls_key_file):
             raise ValueError("remote_tls_cert_file and remote_tls_key_file go together: set both or neither")
+        for name in tls_given:  # a missing file would surface as a vague connection error
+            if not os.access(getattr(settings, name), os.R_OK):
+                raise ValueError(f"{name}={getattr(settings, name)} is invalid: not a readable file; expected a PEM file")
         timeout = settings.remote_timeout_s
         tls = dict(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True, ssl_ca_certs=settings.remote_tls_ca_file,
                    ssl_certfile=settings.remote_tls_cert_file, ssl_keyfile=settings.remote_tls_key_file)
