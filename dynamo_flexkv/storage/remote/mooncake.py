@@ -32,7 +32,7 @@ import numpy as np
 from dynamo_flexkv.storage.backend import IoResult, completed, failed_io
 from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing, Health, RemoteStats, RemoteTierBase, view_blocks
 from dynamo_flexkv.storage.remote.integrity import value_mac
-from dynamo_flexkv.storage.remote.urls import split_store_url, url_error
+from dynamo_flexkv.storage.remote.urls import TLS_SETTINGS, split_store_url, url_error
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ class MooncakeTier(RemoteTierBase):
 
     @classmethod
     def open(cls, layout: Mapping[str, Any], slot_bytes: int, settings: Any) -> MooncakeTier:
-        tls_given = [name for name in ("remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file")
-                     if getattr(settings, name, None)]
+        tls_given = [name for name in TLS_SETTINGS if getattr(settings, name, None)]
         if tls_given:
             raise ValueError(f"{tls_given[0]} applies to Redis over TLS (rediss://) only: Mooncake's "
                              "transfer engine has no TLS; keep its ports on a private network")

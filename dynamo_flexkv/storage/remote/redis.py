@@ -31,13 +31,12 @@ from dynamo_flexkv.logs import redact_url
 from dynamo_flexkv.storage.backend import IoResult, completed, failed_io
 from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing, Health, RemoteStats, RemoteTierBase, view_blocks
 from dynamo_flexkv.storage.remote.integrity import value_mac
-from dynamo_flexkv.storage.remote.urls import credentials, split_store_url, url_error
+from dynamo_flexkv.storage.remote.urls import TLS_SETTINGS, credentials, split_store_url, url_error
 
 logger = logging.getLogger(__name__)
 
 IO_THREADS = 2
 URL_FORM = "redis://[user:password@]host:port[/db] or rediss://... (TLS)"
-TLS_SETTINGS = ("remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file")
 
 
 @dataclass(frozen=True)

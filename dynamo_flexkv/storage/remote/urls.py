@@ -10,6 +10,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 from dynamo_flexkv.logs import redact_url
 
 SETTING = "remote_store"
+TLS_SETTINGS = ("remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file")  # rediss:// only
 
 
 def url_error(url: str, form: str, why: str) -> ValueError:
