@@ -128,7 +128,8 @@ def test_tls_settings_need_a_tls_store(tls):
     settings = FlexKVSettings(remote_store=f"rediss://127.0.0.1:{free_port()}/0", remote_tls_cert_file=str(tls.ca))
     with pytest.raises(ValueError, match="remote_tls_cert_file and remote_tls_key_file go together"):
         open_backend("rediss", LAYOUT, SLOT, settings)
-    settings = FlexKVSettings(remote_store=f"rediss://127.0.0.1:{free_port()}/0", remote_tls_ca_file="/nonexistent/ca.pem")
+    settings = FlexKVSettings(remote_store=f"rediss://127.0.0.1:{free_port()}/0",
+                              remote_tls_ca_file="/nonexistent/ca.pem")
     with pytest.raises(ValueError, match=r"remote_tls_ca_file=/nonexistent/ca.pem is invalid: not a readable file"):
         open_backend("rediss", LAYOUT, SLOT, settings)
     settings = FlexKVSettings(remote_store=f"mooncake://127.0.0.1:{free_port()}", remote_tls_ca_file=str(tls.ca))
@@ -147,9 +148,10 @@ def plain_redis(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.mark.engine
-@pytest.mark.correctness("cluster-tier values MAC'd with one key, read by an engine with the same key and by one with another",
-                         "same key: every prompt block loaded, tokens identical; other key: zero hits, every value a miss, "
-                         "tokens identical to an engine without the connector")
+@pytest.mark.correctness("cluster-tier values MAC'd with one key, read by an engine with the same key and by "
+                         "one with another",
+                         "same key: every prompt block loaded, tokens identical; other key: zero hits, every "
+                         "value a miss, tokens identical to an engine without the connector")
 def test_engines_sharing_a_mac_key_share_kv_and_others_recompute(tiny_model, plain_redis, reference, tmp_path):
     from dynamo_flexkv.devtools.harness import EngineHost
     from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, random_prompt

@@ -101,7 +101,7 @@ def test_a_checksummed_value_is_rejected_by_a_mac_reader(data):
 def test_the_mac_secret_comes_from_a_file_and_must_not_be_trivial(tmp_path):
     short = tmp_path / "short"
     short.write_text("tooshort\n")
-    with pytest.raises(ValueError, match=f"remote_mac_key_file={short} is invalid: the secret must be at least 16 bytes"):
+    with pytest.raises(ValueError, match=f"remote_mac_key_file={short} is invalid: the secret must be at least 16"):
         ValueMac.from_file(str(short))
     with pytest.raises(ValueError, match="remote_mac_key_file=.*missing is invalid: cannot read it"):
         ValueMac.from_file(str(tmp_path / "missing"))

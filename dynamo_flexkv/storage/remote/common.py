@@ -5,9 +5,9 @@ the layout namespace and the block key and carries the xxh3-64 of the bytes, so 
 that the value is this block of this model/layout and that its bytes are intact: anything else is
 a miss. With a MAC key (integrity.py) the header has another magic, no checksum, and ends in a tag
 over the rest of the header and the bytes: a value written without the key, with another key, or
-changed afterwards is a miss. Object names are `flexkv/<namespace>/<key hex>`; the namespace hashes the instance's layout
-(model, KV dtype, block size, layers, TP size, block-hash algorithm and seed), so two models or
-layouts never collide in one store.
+changed afterwards is a miss. Object names are `flexkv/<namespace>/<key hex>`; the namespace
+hashes the instance's layout (model, KV dtype, block size, layers, TP size, block-hash algorithm
+and seed), so two models or layouts never collide in one store.
 """
 
 from __future__ import annotations

@@ -91,10 +91,12 @@ class RedisTier(RemoteTierBase):
             raise ValueError("remote_tls_cert_file and remote_tls_key_file go together: set both or neither")
         for name in tls_given:  # a missing file would surface as a vague connection error
             if not os.access(getattr(settings, name), os.R_OK):
-                raise ValueError(f"{name}={getattr(settings, name)} is invalid: not a readable file; expected a PEM file")
+                raise ValueError(f"{name}={getattr(settings, name)} is invalid: not a readable file; "
+                                 "expected a PEM file")
         timeout = settings.remote_timeout_s
-        tls = dict(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True, ssl_ca_certs=settings.remote_tls_ca_file,
-                   ssl_certfile=settings.remote_tls_cert_file, ssl_keyfile=settings.remote_tls_key_file)
+        tls = dict(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
+                   ssl_ca_certs=settings.remote_tls_ca_file, ssl_certfile=settings.remote_tls_cert_file,
+                   ssl_keyfile=settings.remote_tls_key_file)
         client = redis.Redis(host=address.host, port=address.port, db=address.db, username=address.username,
                              password=address.password, socket_timeout=timeout, socket_connect_timeout=timeout,
                              **(tls if address.tls else {}))
