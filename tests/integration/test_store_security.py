@@ -50,6 +50,18 @@ def server(tmp_path_factory, tls) -> Iterator[int]:
         yield port
 
 
+@pytest.fixture(scope="module")
+def acl_server(tmp_path_factory) -> Iterator[int]:
+    """A plain-TCP redis-server whose only user is the ACL user. Yields its port."""
+    port = free_port()
+    with Deployment(tmp_path_factory.mktemp("redis-acl")) as services:
+        services.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                                 "--user", "default", "off", "--user", USER, "on", f">{SECRET}", "~flexkv/*", "+@all",
+                                 "--save", "", "--appendonly", "no"])
+        services.wait_for(redis.Redis(port=port, username=USER, password=SECRET).ping, 20, "redis-server answering")
+        yield port
+
+
 def settings_for(port: int, tls: TlsFiles, *, password: str = SECRET_IN_URL, ca=None, **more) -> FlexKVSettings:
     return FlexKVSettings(remote_store=f"rediss://{USER}:{password}@127.0.0.1:{port}/0", remote_timeout_s=2,
                           remote_tls_ca_file=str(ca or tls.ca), remote_tls_cert_file=str(tls.client_cert),
@@ -95,23 +107,28 @@ def test_a_refused_connection_is_one_start_up_line_or_a_degraded_start(server, t
         assert SECRET not in text and SECRET_IN_URL not in text
 
 
-def test_the_password_is_never_shown_in_a_normal_run(server, tls, caplog, monkeypatch):
+@pytest.mark.parametrize("scheme", ["rediss", "redis"])
+def test_the_password_is_never_shown_in_a_normal_run(scheme, request, tls, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("FLEXKV_REMOTE_STORE", f"rediss://{USER}:{SECRET_IN_URL}@127.0.0.1:{server}/0")
-    settings = load_settings({"remote_tls_ca_file": str(tls.ca), "remote_tls_cert_file": str(tls.client_cert),
-                              "remote_tls_key_file": str(tls.client_key)})  # logs every setting at DEBUG
-    tier = open_backend("rediss", LAYOUT, SLOT, settings)
+    server = request.getfixturevalue("server" if scheme == "rediss" else "acl_server")
+    monkeypatch.setenv("FLEXKV_REMOTE_STORE", f"{scheme}://{USER}:{SECRET_IN_URL}@127.0.0.1:{server}/0")
+    files = {"remote_tls_ca_file": str(tls.ca), "remote_tls_cert_file": str(tls.client_cert),
+             "remote_tls_key_file": str(tls.client_key)}
+    settings = load_settings(files if scheme == "rediss" else {})  # logs every setting at DEBUG
+    tier = open_backend(scheme, LAYOUT, SLOT, settings)
     pool = torch.zeros((2, SLOT), dtype=torch.uint8)
     try:
         tier.write(pool, [0], [0], [b"x" * 32]).result(timeout=TIMEOUT)
         tier.read(pool, [0], [1], [b"x" * 32]).result(timeout=TIMEOUT)
-        seen = [caplog.text, tier.url, tier._health.name, repr(tier.stats), str(tier.parse_url(settings.remote_store)),
-                repr(tier.parse_url(settings.remote_store))]
+        seen = [caplog.text, tier.url, tier._health.name, repr(tier.stats)]
     finally:
         tier.close()
-    assert f"rediss://{USER}:***@127.0.0.1:{server}/0" in caplog.text  # the start-up line names the store
     for text in seen:
         assert SECRET not in text and SECRET_IN_URL not in text
+    assert f"{scheme}://{USER}:***@127.0.0.1:{server}/0" in caplog.text  # the start-up line names the store
+    assert tier.stats.blocks_read == 1  # authenticated as the ACL user: the round trip worked
+    address = tier.parse_url(settings.remote_store)
+    assert SECRET_IN_URL not in str(address) + repr(address) and address.password == SECRET
 
 
 def test_a_bad_store_url_never_echoes_its_password():
