@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The Mooncake cluster tier's put/get throughput and lookup latency vs. the raw Mooncake client.
+"""The Mooncake cluster tier's put/get throughput and lookup latency vs. the raw Mooncake client,
+with and without the value MAC (`remote_mac_key_file`).
 
 Starts a Mooncake master and a store node (`mooncake_client`, which holds the store's memory) on
 loopback. The peer is a raw `MooncakeDistributedStore` client; the tier (`MooncakeTier`, zero-copy
@@ -9,7 +10,9 @@ blocks in the same batches with the same number of threads: the raw client with
 `batch_put_from_multi_buffers` / `batch_get_into_multi_buffers` (header + data, as the tier frames
 them, minus the checksum), the tier through `write`/`read`. Lookups: `batch_is_exist` vs. the tier's
 `lookup`, per block. A warm-up round is not counted; rounds alternate who goes first; prints median
-and min-max over the rounds.
+and min-max over the rounds. A third client, the tier with a MAC key (keyed BLAKE3 over header and
+bytes instead of the xxh3 checksum), moves the same blocks under its own namespace: the table gives
+tier/raw and tier+MAC/raw, so the MAC's cost shows apart from the tier's.
 
     .venv/bin/python benchmarks/remote.py                      # 2 MiB and 128 KiB blocks
     .venv/bin/python benchmarks/remote.py --block-kib 2048 --total-mib 512 --rounds 7
@@ -37,7 +40,8 @@ os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
 
 from dynamo_flexkv.config import FlexKVSettings  # noqa: E402
 from dynamo_flexkv.storage.backend import open_backend  # noqa: E402
-from dynamo_flexkv.storage.remote.common import HEADER_BYTES  # noqa: E402
+from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing  # noqa: E402
+from dynamo_flexkv.storage.remote.integrity import ValueMac  # noqa: E402
 from dynamo_flexkv.storage.remote.mooncake import IO_THREADS  # noqa: E402
 
 GB = 1e9
@@ -135,7 +139,7 @@ def timed(submit, batches) -> float:
 def bench(block_kib: int, total_mib: int, batch: int, rounds: int) -> dict:
     # every round's values stay (removing them races Mooncake's read leases): room for all of them,
     # and a quarter more for headers and the allocator (a fixed 256 MiB fell short from ~5 GiB up)
-    services, master_port, metadata = start_store(2 * (rounds + 1) * (total_mib << 20) * 5 // 4)
+    services, master_port, metadata = start_store(3 * (rounds + 1) * (total_mib << 20) * 5 // 4)
     try:
         return _bench(block_kib, total_mib, batch, rounds, master_port, metadata)
     finally:
@@ -155,24 +159,33 @@ def _bench(block_kib: int, total_mib: int, batch: int, rounds: int, master_port:
     assert raw_store.setup("127.0.0.1", metadata, 0, 16 << 20, "tcp", "", f"127.0.0.1:{master_port}") == 0
     settings = FlexKVSettings(remote_store=url, remote_metadata_server=metadata, remote_timeout_s=30)
     tier = open_backend("mooncake", {"bench": block_kib}, slot, settings)
+    key_file = Path(tempfile.mkdtemp(prefix="flexkv-remote-bench-")) / "mac.key"
+    key_file.write_bytes(os.urandom(32).hex().encode())
+    key_file.chmod(0o600)
+    maced = open_backend("mooncake", {"bench": block_kib, "mac": True}, slot,  # its own namespace
+                         settings.model_copy(update={"remote_mac_key_file": str(key_file)}))
     raw, io = RawPeer(raw_store, pool), ThreadPoolExecutor(IO_THREADS)
-    figures: dict[str, list[float]] = {k: [] for k in ("tier put", "raw put", "tier get", "raw get",
-                                                        "tier lookup", "raw lookup")}
+    figures: dict[str, list[float]] = {f"{who} {what}": [] for what in ("put", "get", "lookup")
+                                       for who in ("tier", "mac", "raw")}
+    figures.pop("mac lookup")
     try:
         for r in range(rounds + 1):  # round 0 warms up: not counted
             keys = [f"{r}-{i}".encode().ljust(32, b".") for i in range(n)]
             names = [f"raw/{k.hex()}" for k in keys]
             src = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
             dst = [[n + s for s in b] for b in src]
-            tier_jobs = {
-                "put": lambda: timed(lambda b: tier.write(pool, b, b, [keys[s] for s in b]), src),
-                "get": lambda: timed(lambda b: tier.read(pool, b, [n + s for s in b], [keys[s] for s in b]), src),
-            }
+            def tier_jobs(backend):
+                return {
+                    "put": lambda: timed(lambda b: backend.write(pool, b, b, [keys[s] for s in b]), src),
+                    "get": lambda: timed(lambda b: backend.read(pool, b, [n + s for s in b], [keys[s] for s in b]),
+                                         src),
+                }
             raw_jobs = {
                 "put": lambda: timed(lambda b: io.submit(raw.put, [names[s] for s in b], b), src),
                 "get": lambda: timed(lambda b: io.submit(raw.get, [names[s - n] for s in b], b), dst),
             }
-            order = (("tier", tier_jobs), ("raw", raw_jobs)) if r % 2 == 0 else (("raw", raw_jobs), ("tier", tier_jobs))
+            order = [("tier", tier_jobs(tier)), ("mac", tier_jobs(maced)), ("raw", raw_jobs)]
+            order = order[r % 3:] + order[:r % 3]  # who goes first rotates
             for verb in ("put", "get"):
                 for who, jobs in order:
                     figures[f"{who} {verb}"].append(n * slot / jobs[verb]() / GB)
@@ -190,9 +203,32 @@ def _bench(block_kib: int, total_mib: int, batch: int, rounds: int, master_port:
             log(f"{block_kib} KiB round {r}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in figures.items()))
     finally:
         tier.close()
+        maced.close()
+        key_file.unlink()
+        key_file.parent.rmdir()
         raw_store.close()
         os.unlink(path)
     return figures
+
+
+def framing_cost(block_kib: int, rounds: int, reps: int = 20) -> dict[str, list[float]]:
+    """CPU µs per block of sealing (header) and verifying a value, with the checksum and with the
+    MAC: this thread's CPU time, so a loaded machine inflates it less than wall time."""
+    slot = block_kib << 10
+    data = np.random.default_rng(0).integers(0, 256, slot, dtype=np.uint8)
+    framings = {"checksum": Framing({}, slot), "mac": Framing({}, slot, ValueMac(os.urandom(32)))}
+    costs: dict[str, list[float]] = {f"{kind} {step}": [] for kind in framings for step in ("seal", "verify")}
+    for _ in range(rounds):
+        for kind, framing in framings.items():
+            start = time.thread_time()
+            for _ in range(reps):
+                header = framing.header(b"k" * 32, data)
+            costs[f"{kind} seal"].append((time.thread_time() - start) / reps * 1e6)
+            start = time.thread_time()
+            for _ in range(reps):
+                assert framing.verify(header, b"k" * 32, data)
+            costs[f"{kind} verify"].append((time.thread_time() - start) / reps * 1e6)
+    return costs
 
 
 def spread(values: list[float]) -> str:
@@ -207,16 +243,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     rows = [(kib, bench(kib, args.total_mib, args.batch, args.rounds)) for kib in args.block_kib or [2048, 128]]
-    print("\n| block | put GB/s tier | put GB/s raw | put tier/raw | get GB/s tier | get GB/s raw | get tier/raw "
-          "| lookup µs/block tier | lookup µs/block raw |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("\n| block | verb | GB/s tier | GB/s tier+MAC | GB/s raw | tier/raw | tier+MAC/raw |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for kib, f in rows:
-        put = statistics.median(a / b for a, b in zip(f["tier put"], f["raw put"]))
-        get = statistics.median(a / b for a, b in zip(f["tier get"], f["raw get"]))
         size = f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
-        print(f"| {size} | {spread(f['tier put'])} | {spread(f['raw put'])} | {put:.2f} | {spread(f['tier get'])} "
-              f"| {spread(f['raw get'])} | {get:.2f} | {spread(f['tier lookup'])} | {spread(f['raw lookup'])} |")
-
+        for verb in ("put", "get"):
+            ratio = {who: statistics.median(a / b for a, b in zip(f[f"{who} {verb}"], f[f"raw {verb}"]))
+                     for who in ("tier", "mac")}
+            print(f"| {size} | {verb} | {spread(f[f'tier {verb}'])} | {spread(f[f'mac {verb}'])} "
+                  f"| {spread(f[f'raw {verb}'])} | {ratio['tier']:.2f} | {ratio['mac']:.2f} |")
+    print("\n| block | CPU µs/block: checksum seal | checksum verify | MAC seal | MAC verify | MAC GB/s (verify) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for kib, _ in rows:
+        c = framing_cost(kib, args.rounds)
+        size = f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
+        mac_gbps = (kib << 10) / (statistics.median(c["mac verify"]) * 1e-6) / GB
+        print(f"| {size} | {spread(c['checksum seal'])} | {spread(c['checksum verify'])} | {spread(c['mac seal'])} "
+              f"| {spread(c['mac verify'])} | {mac_gbps:.2f} |")
+    print("\n| block | lookup µs/block tier | lookup µs/block raw |")
+    print("|---|---:|---:|")
+    for kib, f in rows:
+        size = f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
+        print(f"| {size} | {spread(f['tier lookup'])} | {spread(f['raw lookup'])} |")
 
 if __name__ == "__main__":
     main()

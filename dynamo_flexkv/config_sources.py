@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dynamo_flexkv.logs import redact_url
+
 ENV_PREFIX = "FLEXKV_"
 CONFIG_PATH_ENV = "FLEXKV_CONFIG_PATH"
 OVERRIDES_NAME = "kv_connector_extra_config"
@@ -73,7 +75,7 @@ class Source:
         return self.name(field)
 
     def describe(self, field: str, value: Any) -> str:
-        shown = repr(value)
+        shown = repr(shown_value(field, value))
         if len(shown) > MAX_VALUE_REPR:
             shown = shown[:MAX_VALUE_REPR - 3] + "..."
         if self.kind == "file":
@@ -82,6 +84,11 @@ class Source:
 
 
 DIRECT = Source("direct")
+
+
+def shown_value(field: str, value: Any) -> Any:
+    """A value fit for a log line or an error: a store URL's password is never shown."""
+    return redact_url(value) if field == "remote_store" and isinstance(value, str) else value
 
 
 def suggest(key: Any, names: Sequence[str]) -> str:

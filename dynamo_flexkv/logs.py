@@ -15,3 +15,15 @@ def configure_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%m-%d %H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for a log line, an error or a label: a password in it becomes `***`
+    (redis://user:secret@host:6379 -> redis://user:***@host:6379). Stdlib only: config.py and every
+    backend use it."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpath = rest.rpartition("@")  # the last @: a password may hold '/', '?' or '@'
+    if not sep or not at:
+        return url
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{hostpath}"

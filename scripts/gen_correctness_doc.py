@@ -39,6 +39,7 @@ SITUATIONS = (
     "weights swapped behind one path",
     "KV dtype changed",
     "corrupt block",
+    "foreign value planted in the cluster store",
     "cluster store stalled or dead",
 )
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from dynamo_flexkv.devtools.processes import (
@@ -133,3 +134,64 @@ def redis_cluster(workdir: Path, nodes: int) -> Iterator[tuple[PrivateNetwork, D
 
 
 _PROBE = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Throwaway PEM files: a CA, a server certificate for 127.0.0.1 and a client certificate it
+    signed, and a second CA that signed nothing of these (an untrusted one)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(name: str, key, issuer_name: str, issuer_key, *, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(name: str, data: bytes) -> Path:
+        path = directory / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+        return path
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    def pem(cert: x509.Certificate) -> bytes:
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    ca_key, other_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    return TlsFiles(
+        ca=write("ca.pem", pem(certificate("test ca", ca_key, "test ca", ca_key, ca=True))),
+        server_cert=write("server.pem", pem(certificate("redis server", server_key, "test ca", ca_key, ca=False))),
+        server_key=write("server.key", pem_key(server_key)),
+        client_cert=write("client.pem", pem(certificate("flexkv client", client_key, "test ca", ca_key, ca=False))),
+        client_key=write("client.key", pem_key(client_key)),
+        other_ca=write("other-ca.pem", pem(certificate("other ca", other_key, "other ca", other_key, ca=True))),
+    )

@@ -15,7 +15,9 @@ The failure contract every backend keeps, checked by `tests/unit/test_tier_contr
   answering misses; `close()` is idempotent.
 
 Backends are opened by scheme through `open_backend`; adding a tier is one module plus one line in
-`BACKENDS` (see docs/architecture.md, "Adding a tier").
+`BACKENDS` (see docs/architecture.md, "Adding a tier"). A backend reached by URL (`remote_store`)
+also owns its URL grammar: a classmethod `parse_url(url)` returning its typed settings, which
+`parse_store_url` calls by scheme.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 BACKENDS = {
     "ssd": "dynamo_flexkv.storage.ssd.tier:SsdTier",
     "redis": "dynamo_flexkv.storage.remote.redis:RedisTier",
+    "rediss": "dynamo_flexkv.storage.remote.redis:RedisTier",  # Redis over TLS
     "mooncake": "dynamo_flexkv.storage.remote.mooncake:MooncakeTier",
 }
 
@@ -131,36 +134,38 @@ def backend_scheme(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else url.lower()
 
 
-# The shape every cluster-store URL of `remote_store` must have, named in its errors.
-STORE_URL_SHAPE = "expected mooncake://host:port or redis://host:port[/db]"
+class StoreUrlError(ValueError):
+    """A `remote_store` URL refused: the message names the setting; `reason` alone is what the start-up
+    preflight reports under the setting's name as the user spelled it."""
+
+    def __init__(self, shown_url: str, reason: str):
+        self.reason = reason
+        super().__init__(f"remote_store={shown_url} is invalid: {reason}")
 
 
-def parse_store_url(url: str) -> tuple[str, str, int, str]:
-    """`remote_store` -> `(scheme, host, port, path)`, or a one-line ValueError saying what is wrong.
+def _backend_class(scheme: str) -> type:
+    module_name, class_name = BACKENDS[scheme].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
-    The setting's shape (scheme://host:port) is checked by config; the scheme must name a shared
-    backend of `BACKENDS`, and each store says what its path may be."""
-    from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    scheme, path = parts.scheme.lower(), parts.path.strip("/")
-    if scheme not in BACKENDS or scheme == "ssd":
-        raise ValueError(f"{STORE_URL_SHAPE} (scheme {parts.scheme}:// is not supported)")
-    if scheme == "mooncake" and path:
-        raise ValueError(f"{STORE_URL_SHAPE}; a mooncake:// address has no path")
-    if scheme == "redis" and path and not path.isdigit():
-        raise ValueError(f"{STORE_URL_SHAPE}; the Redis db must be a number, got /{path}")
-    return scheme, parts.hostname or "", parts.port or 0, path
+def parse_store_url(url: str) -> Any:
+    """`remote_store`'s URL checked against the backend its scheme names: that backend's typed
+    settings (`parse_url`), or a one-line ValueError naming the setting and the allowed forms."""
+    from dynamo_flexkv.logs import redact_url
+
+    scheme = backend_scheme(url) if isinstance(url, str) and "://" in url else None
+    store_schemes = [s for s in sorted(BACKENDS) if s != "ssd"]  # the SSD tier is not reached by URL
+    if scheme not in store_schemes:
+        shown = redact_url(url) if isinstance(url, str) else repr(url)
+        raise StoreUrlError(shown, "unknown scheme; registered store schemes: "
+                            f"{', '.join(s + '://' for s in store_schemes)}")
+    return _backend_class(scheme).parse_url(url)
 
 
 def open_backend(scheme: str, layout: Mapping[str, Any], slot_bytes: int, settings: Any) -> TierBackend:
     """Open the backend registered for ``scheme`` with the instance's layout (what a stored block's
     bytes depend on: model, KV dtype, block size, TP...), its CPU-pool slot size and the settings
     (`FlexKVSettings`). Raises a one-line error when the tier cannot start."""
-    try:
-        target = BACKENDS[scheme]
-    except KeyError:
-        raise ValueError(f"no tier backend for scheme {scheme!r}; known: {sorted(BACKENDS)}") from None
-    module_name, class_name = target.split(":")
-    backend_class = getattr(importlib.import_module(module_name), class_name)
-    return backend_class.open(layout, slot_bytes, settings)
+    if scheme not in BACKENDS:
+        raise ValueError(f"no tier backend for scheme {scheme!r}; known: {sorted(BACKENDS)}")
+    return _backend_class(scheme).open(layout, slot_bytes, settings)

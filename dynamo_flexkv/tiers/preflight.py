@@ -8,7 +8,7 @@ its directories, free space and I/O engine; the store registry the cluster store
 from __future__ import annotations
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.storage.backend import parse_store_url
+from dynamo_flexkv.storage.backend import StoreUrlError, parse_store_url
 from dynamo_flexkv.storage.ssd.preflight import preflight as ssd_preflight
 
 
@@ -18,6 +18,6 @@ def preflight(settings: FlexKVSettings) -> list[tuple[str, str]]:
     if settings.remote_store is not None:
         try:
             parse_store_url(settings.remote_store)
-        except ValueError as exc:
-            problems.append(("remote_store", str(exc)))
+        except StoreUrlError as exc:
+            problems.append(("remote_store", exc.reason))
     return problems

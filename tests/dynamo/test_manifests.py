@@ -109,7 +109,8 @@ def test_the_cluster_manifest_is_agg_router_whose_workers_share_the_mooncake_ser
 def test_store_manifest_runs_master_metadata_server_and_a_store_node_on_the_services_ports():
     objects = store_objects()
     assert set(objects) == {("Service", "mooncake-master"), ("Deployment", "mooncake-master"),
-                            ("Deployment", "mooncake-store")}
+                            ("Deployment", "mooncake-store"), ("NetworkPolicy", "mooncake-master"),
+                            ("NetworkPolicy", "mooncake-store")}
     service = objects[("Service", "mooncake-master")]
     master = objects[("Deployment", "mooncake-master")]
     store = objects[("Deployment", "mooncake-store")]
@@ -142,6 +143,33 @@ def test_store_manifest_runs_master_metadata_server_and_a_store_node_on_the_serv
         "status.podIP", "the store node must register an address other pods reach"
     segment_gb = float(store_flags["global_segment_size"].removesuffix("GB"))
     assert float(store_container["resources"]["requests"]["memory"].removesuffix("Gi")) > segment_gb
+
+
+def test_only_the_cluster_workers_and_store_nodes_reach_the_store():
+    """Mooncake has no authentication: the master listens on its pod address only, and a
+    NetworkPolicy per store Deployment admits the cluster manifest's worker pods and the store nodes."""
+    objects = store_objects()
+    cluster = load(K8S / "agg_router_cluster.yaml")
+    workers = {"nvidia.com/dynamo-graph-deployment-name": cluster["metadata"]["name"],  # set by the Dynamo operator
+               "nvidia.com/dynamo-component-type": "worker"}
+    assert {name for name, s in cluster["spec"]["services"].items() if s["componentType"] == "worker"} == \
+        {"VllmDecodeWorker"}
+    store_labels = objects[("Deployment", "mooncake-store")]["spec"]["template"]["metadata"]["labels"]
+    for name in ("mooncake-master", "mooncake-store"):
+        policy = objects[("NetworkPolicy", name)]
+        assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["spec"]["policyTypes"] == ["Ingress"]
+        pod_labels = objects[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+        (rule,) = policy["spec"]["ingress"]
+        peers = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+        assert all(set(peer) == {"podSelector"} for peer in rule["from"]), "no namespace- or IP-wide peers"
+        assert peers == [workers, {"app.kubernetes.io/name": store_labels["app.kubernetes.io/name"]}]
+    (master,) = objects[("Deployment", "mooncake-master")]["spec"]["template"]["spec"]["containers"]
+    assert {p["port"] for p in objects[("NetworkPolicy", "mooncake-master")]["spec"]["ingress"][0]["ports"]} == \
+        {p["name"] for p in master["ports"]}
+    flags = flags_of(master["command"])
+    assert flags["rpc_address"] == flags["http_metadata_server_host"] == '"$POD_IP"'
+    assert master["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
 
 def test_store_manifest_installs_mooncake_as_the_compose_file_does():

@@ -36,6 +36,15 @@ class Tier:
     backend: TierBackend
     corrupt: Callable[[bytes, int], None]  # (key, address) -> damage the stored value in place
     take_medium_away: Callable[[], None]  # the disk / server disappears
+    # shared stores: another client of the same store, opened with these settings changed
+    peer: Callable[..., TierBackend] | None = None
+
+
+def mac_key_file(tmp_path, secret: bytes = b"the cluster's shared secret") -> str:
+    path = tmp_path / f"mac-{uuid.uuid4().hex[:8]}.key"
+    path.write_bytes(secret + b"\n")
+    path.chmod(0o600)
+    return str(path)
 
 
 def open_memory(tmp_path) -> Iterator[Tier]:
@@ -65,14 +74,15 @@ def open_ssd(tmp_path) -> Iterator[Tier]:
     yield Tier(tier, corrupt, lambda: shutil.rmtree(disk))
 
 
-def open_redis(tmp_path) -> Iterator[Tier]:
+def open_redis(tmp_path, mac: bool = False) -> Iterator[Tier]:
     port = free_port()
     with Deployment(tmp_path) as services:
         server = services.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
                                           "--save", "", "--appendonly", "no"])
         client = redis.Redis(port=port)
         services.wait_for(client.ping, 10, "redis-server answering")
-        settings = FlexKVSettings(remote_store=f"redis://127.0.0.1:{port}/0", remote_timeout_s=2)
+        settings = FlexKVSettings(remote_store=f"redis://127.0.0.1:{port}/0", remote_timeout_s=2,
+                                  remote_mac_key_file=mac_key_file(tmp_path) if mac else None)
         tier = open_backend("redis", LAYOUT, SLOT, settings)
 
         def corrupt(key: bytes, addr: int) -> None:
@@ -80,12 +90,17 @@ def open_redis(tmp_path) -> Iterator[Tier]:
             value = client.get(name)
             client.set(name, value[:-1] + bytes([value[-1] ^ 0xFF]))
 
-        yield Tier(tier, corrupt, lambda: server.stop(grace_s=5))
+        yield Tier(tier, corrupt, lambda: server.stop(grace_s=5), peer_of("redis", settings))
 
 
-def open_mooncake(tmp_path) -> Iterator[Tier]:
+def peer_of(scheme: str, settings: FlexKVSettings) -> Callable[..., TierBackend]:
+    return lambda **changed: open_backend(scheme, LAYOUT, SLOT, settings.model_copy(update=changed))
+
+
+def open_mooncake(tmp_path, mac: bool = False) -> Iterator[Tier]:
     with mooncake_master(tmp_path) as (services, url):
-        settings = FlexKVSettings(remote_store=url, remote_cache_gb=64 / 1024, remote_timeout_s=2)
+        settings = FlexKVSettings(remote_store=url, remote_cache_gb=64 / 1024, remote_timeout_s=2,
+                                  remote_mac_key_file=mac_key_file(tmp_path) if mac else None)
         tier = open_backend("mooncake", LAYOUT, SLOT, settings)
 
         def corrupt(key: bytes, addr: int) -> None:
@@ -94,10 +109,13 @@ def open_mooncake(tmp_path) -> Iterator[Tier]:
             assert store.remove(name, True) == 0
             assert store.put(name, value[:-1] + bytes([value[-1] ^ 0xFF])) == 0
 
-        yield Tier(tier, corrupt, lambda: services["mooncake-master"].stop(grace_s=5))
+        yield Tier(tier, corrupt, lambda: services["mooncake-master"].stop(grace_s=5), peer_of("mooncake", settings))
 
 
-OPENERS = {"memory": open_memory, "ssd": open_ssd, "redis": open_redis, "mooncake": open_mooncake}
+# "+mac": the same store with remote_mac_key_file set, so values carry a MAC instead of a checksum
+OPENERS = {"memory": open_memory, "ssd": open_ssd, "redis": open_redis, "mooncake": open_mooncake,
+           "redis+mac": lambda tmp_path: open_redis(tmp_path, mac=True),
+           "mooncake+mac": lambda tmp_path: open_mooncake(tmp_path, mac=True)}
 
 
 @pytest.fixture(params=sorted(OPENERS))
@@ -127,7 +145,7 @@ def done(future) -> IoResult:
 
 
 def test_every_backend_is_registered_or_the_example():
-    assert set(OPENERS) - {"memory"} <= set(BACKENDS)
+    assert {name.removesuffix("+mac") for name in OPENERS} - {"memory"} <= set(BACKENDS)
 
 
 def test_blocks_round_trip_between_pool_slots(tier, pool):
@@ -204,6 +222,32 @@ def test_recover_lists_key_address_parent_triples(tier):
     found = tier.backend.recover()
     assert all(isinstance(k, bytes) and isinstance(a, int) and (p is None or isinstance(p, bytes))
                for k, a, p in found)
+
+
+@pytest.mark.parametrize("tier", ["redis+mac", "mooncake+mac"], indirect=True)
+@pytest.mark.correctness("foreign value planted in the cluster store",
+                         "miss (with remote_mac_key_file): a value written without the key, with another key, or "
+                         "altered is never loaded into a pool slot as valid")
+def test_only_values_written_with_the_mac_key_are_read(tier, pool, tmp_path):
+    """A client that can write to the store but lacks the key cannot plant a block others load: its
+    values (checksummed, or MAC'd with another key) are misses, as is a MAC'd value changed in the
+    store; an unkeyed reader rejects MAC'd values too. Values of the same key are read."""
+    ks = keys(4, "mac")
+    unkeyed = tier.peer(remote_mac_key_file=None)
+    other = tier.peer(remote_mac_key_file=mac_key_file(tmp_path, b"some other cluster's secret"))
+    same = tier.peer()
+    try:
+        assert done(unkeyed.write(pool, [0], [0], ks[:1])).ok == [True]
+        assert done(other.write(pool, [1], [1], ks[1:2])).ok == [True]
+        assert done(same.write(pool, [2, 3], [2, 3], ks[2:])).ok == [True, True]
+        tier.corrupt(ks[3], 3)
+        before = tier.backend.stats.corrupt_blocks
+        assert done(tier.backend.read(pool, [0, 1, 2, 3], [8, 9, 10, 11], ks)).ok == [False, False, True, False]
+        assert tier.backend.stats.corrupt_blocks - before == 3 and torch.equal(pool[10], pool[2])
+        assert done(unkeyed.read(pool, [2], [12], ks[2:3])).ok == [False]
+    finally:
+        for client in (unkeyed, other, same):
+            client.close()
 
 
 UNREACHABLE = {"redis": "redis://127.0.0.1:{port}/0", "mooncake": "mooncake://127.0.0.1:{port}"}  # cluster stores: a URL where nothing listens

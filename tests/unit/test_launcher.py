@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_flexkv.integration.dynamo.launcher import LauncherError, connector_config, translate
+from dynamo_flexkv.integration.dynamo.launcher import FLEXKV, LauncherError, connector_config, translate
 
 MODEL = ["--model", "Qwen/Qwen3-0.6B"]
 
@@ -265,9 +265,34 @@ def test_underscore_spelling_of_vllm_flags_is_recognised():
     assert t.uses_nixl and value(t.argv, "--disaggregation-mode") == "decode"
 
 
-def test_hash_seed_defaults_to_zero_like_dynamo():
-    assert run().set_env == {"PYTHONHASHSEED": "0"}
-    assert run(env={"PYTHONHASHSEED": "7"}).set_env == {"PYTHONHASHSEED": "7"}
+STORE = {"FLEXKV_REMOTE_STORE": "redis://10.0.0.5:6379/0"}
+
+
+@pytest.mark.parametrize("algo", ["xxhash", "xxhash_cbor"])
+def test_hash_seed_is_set_only_for_a_cluster_tier_with_xxhash_block_hashes(algo):
+    """vLLM seeds xxhash chains randomly per process (they are not collision resistant) and sha256
+    ones identically everywhere: only engines sharing a store with xxhash need a common seed."""
+    t = run("--connector", "flexkv", "--prefix-caching-hash-algo", algo, env=STORE)
+    assert t.set_env == {"PYTHONHASHSEED": "0"}
+    assert [n for n in t.notes if "PYTHONHASHSEED" in n] == [
+        f"remote_store with --prefix-caching-hash-algo {algo} -> PYTHONHASHSEED=0, so every engine's block hashes "
+        "agree (a known seed lets xxhash collisions be precomputed: set a secret PYTHONHASHSEED shared by every "
+        "worker, or use sha256)"]
+    extra = json.dumps({**FLEXKV, "kv_connector_extra_config": {"remote_store": STORE["FLEXKV_REMOTE_STORE"]}})
+    assert run("--kv-transfer-config", extra, f"--prefix_caching_hash_algo={algo}").set_env == {"PYTHONHASHSEED": "0"}
+
+
+@pytest.mark.parametrize(("argv", "env"), [
+    (["--connector", "flexkv"], STORE),  # sha256 (vLLM's default): one fixed seed in every process
+    (["--connector", "flexkv", "--prefix-caching-hash-algo", "sha256_cbor"], STORE),
+    (["--connector", "flexkv", "--prefix-caching-hash-algo", "xxhash"], {}),  # no shared tier
+    (["--prefix-caching-hash-algo", "xxhash"], STORE),  # no FlexKV
+    (["--connector", "flexkv", "--prefix-caching-hash-algo", "xxhash"], {**STORE, "PYTHONHASHSEED": "7"}),  # the user's
+    (["--connector", "flexkv", "--prefix-caching-hash-algo", "xxhash"], {**STORE, "FLEXKV_CPU_CACHE_GB": "x"}),
+])
+def test_hash_seed_is_left_to_vllm_everywhere_else(argv, env):
+    t = run(*argv, env=env)
+    assert "PYTHONHASHSEED" not in t.set_env and not [n for n in t.notes if "PYTHONHASHSEED" in n]
 
 
 def test_private_event_socket_is_reported_for_cleanup():
@@ -278,9 +303,9 @@ def test_private_event_socket_is_reported_for_cleanup():
 
 
 def test_recipes_publish_kv_events_on_private_sockets_by_default():
-    """KV events carry prompt tokens: no recipe publishes them on all interfaces unless asked. (The
-    Kubernetes store's master must listen on its pod's interfaces: it is not an event publisher.)"""
+    """KV events carry prompt tokens: no recipe publishes them on all interfaces unless asked, and
+    nothing in a recipe listens on all interfaces (the Kubernetes store's master: its pod address)."""
     recipes = Path(__file__).resolve().parents[2] / "recipes"
-    texts = {p.name: p.read_text() for p in recipes.rglob("*") if p.is_file() and p.name != "mooncake_store.yaml"}
+    texts = {p.name: p.read_text() for p in recipes.rglob("*") if p.is_file()}
     assert texts and not [name for name, text in texts.items() if "tcp://*" in text or "0.0.0.0" in text]
     assert "ipc://" in texts["agg_router.sh"]

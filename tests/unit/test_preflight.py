@@ -74,13 +74,16 @@ def test_without_checks_the_settings_only_validate(tmp_path):
 
 
 @pytest.mark.parametrize(("raw", "reason"), [
-    ("http://h:1", "expected mooncake://host:port or redis://host:port[/db] (scheme http:// is not supported)"),
+    ("http://h:1", "unknown scheme; registered store schemes: mooncake://, redis://, rediss://"),
+    ("redis://h", "host and port are required; expected redis://[user:password@]host:port[/db]"),
+    ("redis://h:70000", "the port must be a number 1-65535"),
     ("redis://h:6379/x", "the Redis db must be a number"),
     ("mooncake://h:1/x", "has no path"),
 ])
 def test_a_store_url_the_registry_cannot_open_is_one_line(raw, reason):
     msg = expect_error({"FLEXKV_REMOTE_STORE": raw})
     assert msg.startswith(f"FLEXKV_REMOTE_STORE='{raw}' is invalid: ") and reason in msg
+    assert msg.count("is invalid") == 1
 
 
 def test_known_store_urls_pass():

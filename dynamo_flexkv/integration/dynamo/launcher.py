@@ -41,6 +41,7 @@ CONNECTORS: dict[str, dict[str, str]] = {
     "lmcache": {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"},
     "kvbm": {"kv_connector": "DynamoConnector", "kv_connector_module_path": KVBM_MODULE, "kv_role": "kv_both"},
 }
+FLEXKV_CLASS_NAMES = ("FlexKVConnectorV1", "DynamoFlexKVConnector")
 NO_CONNECTOR = ("none", "null")
 ALLOWED_NAMES = (*CONNECTORS, *NO_CONNECTOR)
 PD_FIRST_CHILDREN = ("flexkv", "lmcache", "kvbm")  # what kvbm's PdConnector accepts before NIXL
@@ -228,7 +229,7 @@ def translate(argv: Sequence[str], environ: Mapping[str, str], *, kvbm_available
             rest += ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
             notes.append("PdConnector needs kvbm, which is not installed -> vLLM MultiConnector with the same children")
     children = _child_names(config) if config else []
-    uses_flexkv = "FlexKVConnectorV1" in children or "DynamoFlexKVConnector" in children
+    uses_flexkv = any(name in FLEXKV_CLASS_NAMES for name in children)
     uses_nixl = "NixlConnector" in children
 
     if mode in ("prefill", "decode"):
@@ -254,8 +255,48 @@ def translate(argv: Sequence[str], environ: Mapping[str, str], *, kvbm_available
         if events["endpoint"].startswith("ipc://"):
             private_paths += (events["endpoint"].removeprefix("ipc://"),)
 
-    set_env.setdefault("PYTHONHASHSEED", environ.get("PYTHONHASHSEED") or "0")
+    seed_note = _shared_hash_seed(rest, environ, config if uses_flexkv else None)
+    if seed_note:
+        set_env["PYTHONHASHSEED"] = "0"
+        notes.append(seed_note)
     return Translation(rest, set_env, unset_env, tuple(notes), uses_flexkv, uses_nixl, private_paths)
+
+
+def _flexkv_extra_config(config: Mapping) -> Mapping:
+    if config.get("kv_connector") in ("MultiConnector", "PdConnector"):
+        children = (config.get("kv_connector_extra_config") or {}).get("connectors", [])
+        config = next((c for c in children if c.get("kv_connector") in FLEXKV_CLASS_NAMES), {})
+    return config.get("kv_connector_extra_config") or {}
+
+
+def _shared_hash_seed(argv: Sequence[str], environ: Mapping[str, str], flexkv_config: Mapping | None) -> str | None:
+    """Why PYTHONHASHSEED must be set for this worker, or None where vLLM's own seed is right.
+
+    vLLM 0.31 roots every block-hash chain in NONE_HASH (v1/core/kv_cache_utils.py): from
+    PYTHONHASHSEED when set, else from a fixed seed for sha256/sha256_cbor (the default; identical
+    in every process already) and from random bytes per process for xxhash/xxhash_cbor, which are
+    not collision resistant, so a predictable seed would let prompts be crafted to collide. Only a
+    cluster tier (`remote_store`) needs engines to agree on block hashes; there, with an xxhash
+    algorithm, every engine must share a seed, and 0 is the one Dynamo's `python -m dynamo.vllm`
+    sets. Everywhere else the variable is left alone, keeping vLLM's per-process random seed."""
+    from dynamo_flexkv.config import ConfigError, load_settings
+    from dynamo_flexkv.tiers.facts import NON_DETERMINISTIC_HASH_ALGOS
+
+    if flexkv_config is None or "PYTHONHASHSEED" in environ:
+        return None
+    found = _find(argv, "--prefix-caching-hash-algo")
+    algo = found[1] if found and found[1] else "sha256"
+    if algo not in NON_DETERMINISTIC_HASH_ALGOS:
+        return None
+    try:
+        shared = load_settings(_flexkv_extra_config(flexkv_config), environ).remote_enabled
+    except ConfigError:
+        return None  # the worker reports the bad configuration itself, at start-up
+    if not shared:
+        return None
+    return (f"remote_store with --prefix-caching-hash-algo {algo} -> PYTHONHASHSEED=0, so every engine's "
+            "block hashes agree (a known seed lets xxhash collisions be precomputed: set a secret "
+            "PYTHONHASHSEED shared by every worker, or use sha256)")
 
 
 def _register_class_name_alias() -> None:

@@ -11,6 +11,11 @@ small registered array beside the pool. Data calls run on this tier's threads, l
 scheduler. A master that stops answering degrades the tier to misses; one call per
 `remote_timeout_s` probes whether it is back (a restarted master has lost every value: they
 become misses and are dropped from the index view as they are read).
+
+Security: Mooncake's RPC and transfer engine have no TLS and no authentication; whoever reaches
+the master and the store nodes' ports can read and write every value. `remote_mac_key_file`
+stops forged or altered values from being used (a miss), not reads; keep the ports private
+(recipes/k8s/mooncake_store.yaml's NetworkPolicy).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import socket
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from dynamo_flexkv.storage.backend import IoResult, completed, failed_io
 from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing, Health, RemoteStats, RemoteTierBase, view_blocks
+from dynamo_flexkv.storage.remote.integrity import value_mac
+from dynamo_flexkv.storage.remote.urls import TLS_SETTINGS, split_store_url, url_error
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,18 @@ NO_AVAILABLE_HANDLE = -200  # the store is full: the put is declined
 OBJECT_NOT_FOUND = -704
 OBJECT_ALREADY_EXISTS = -705
 RPC_FAIL = -900  # the master did not answer
+
+
+URL_FORM = "mooncake://host:port (the master's RPC address)"
+
+
+class MooncakeAddress(NamedTuple):
+    host: str
+    port: int
+
+    @property
+    def master(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 def route_address(host: str, port: int) -> str:
@@ -52,15 +70,15 @@ class MooncakeTier(RemoteTierBase):
     medium = None  # the master evicts without telling us: blocks are not announced to the router
 
     def __init__(self, url: str, layout: Mapping[str, Any], slot_bytes: int, settings: Any):
-        split = urlsplit(url)
+        address = self.parse_url(url)
         self.url = url
-        self.master = f"{split.hostname}:{split.port}"
-        self._host, self._port = split.hostname, split.port
+        self.master = address.master
+        self._host, self._port = address
         self.num_slots = view_blocks(settings.remote_cache_bytes, slot_bytes)
         self.stats = RemoteStats()
         self._settings = settings
         self._timeout_s = settings.remote_timeout_s
-        self._framing = Framing(layout, slot_bytes)
+        self._framing = Framing(layout, slot_bytes, value_mac(settings))
         self._health = Health(f"{self.name}[{self.master}]", settings.remote_timeout_s)
         self._store = None  # set up once the master answered
         self._setup_lock = threading.Lock()
@@ -70,7 +88,20 @@ class MooncakeTier(RemoteTierBase):
         self._closed = False
 
     @classmethod
+    def parse_url(cls, url: str) -> MooncakeAddress:
+        split = split_store_url(url, ("mooncake",), URL_FORM)
+        if split.username is not None or split.password is not None:
+            raise url_error(url, URL_FORM, "a Mooncake master takes no user or password")
+        if split.path.strip("/"):
+            raise url_error(url, URL_FORM, "a mooncake:// address has no path")
+        return MooncakeAddress(split.hostname, split.port)
+
+    @classmethod
     def open(cls, layout: Mapping[str, Any], slot_bytes: int, settings: Any) -> MooncakeTier:
+        tls_given = [name for name in TLS_SETTINGS if getattr(settings, name, None)]
+        if tls_given:
+            raise ValueError(f"{tls_given[0]} applies to Redis over TLS (rediss://) only: Mooncake's "
+                             "transfer engine has no TLS; keep its ports on a private network")
         tier = cls(settings.remote_store, layout, slot_bytes, settings)
         problem = tier._connect()
         if problem is not None:
@@ -190,6 +221,10 @@ class MooncakeTier(RemoteTierBase):
         headers = self._pools[rows.ctypes.data][1]
         codes = self._store.batch_get_into_multi_buffers([framing.name(k) for k in keys], ptrs, sizes)
         ok = self._judge(codes, (framing.value_bytes,), "get", quiet=(OBJECT_NOT_FOUND,))
+        # Zero copy: the value already sits in its pool slot, so it is verified there (checksum or
+        # MAC). That is safe because a staged slot is nothing until this read answers ok: the index
+        # commits it and the GPU copy is issued only then, and a failed block's slot is free again.
+        # A scratch buffer would add a copy of every block and a second registered region.
         for i, (key, slot) in enumerate(zip(keys, pool_slots)):
             if ok[i] and not framing.verify(headers[slot], key, rows[slot]):
                 ok[i] = False
