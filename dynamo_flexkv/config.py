@@ -20,13 +20,19 @@ import logging
 import os
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dynamo_flexkv.config_errors import (
+    Problem,
+    Problems,
+    UseAllowed,
+    problem_line,
+    validation_error_lines,
+)
 from dynamo_flexkv.config_sources import (
     CONFIG_PATH_ENV,
-    DIRECT,
     ENV_PREFIX,
     OVERRIDES_NAME,
     RETIRED,
@@ -36,7 +42,6 @@ from dynamo_flexkv.config_sources import (
     read_config_file,
     retired_problems,
     shown_value,
-    suggest,
     unknown_keys,
 )
 
@@ -71,28 +76,6 @@ LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
 MIN_TIER_GB = 4096 / GIB  # one page: anything smaller is a typo, not a cache (a block needs more)
 
 _PORT_SCHEMES = ("ipc://", "tcp://")
-
-# --------------------------------------------------------------------------------------------------
-# Internal error plumbing: validators raise these, the converter turns them into ConfigError lines.
-
-
-class _UseAllowed(ValueError):
-    """Raised by a validator to say "report this field's documented allowed values"."""
-
-
-class _Problem(NamedTuple):
-    field: str
-    reason: str  # ``{other_field}`` in it is spelled as the user spelled ``field`` (env var / key)
-    value: Any
-
-
-class _Problems(ValueError):
-    """Cross-field problems found by the model validator."""
-
-    def __init__(self, problems: list[_Problem]):
-        self.problems = problems
-        super().__init__("; ".join(f"{p.field}: {p.reason}" for p in problems))
-
 
 def _gb_field(default: float, description: str, *, gt: float | None = None,
               ge: float | None = None, allowed: str) -> Any:
@@ -335,7 +318,7 @@ class FlexKVSettings(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _convert_validation_error(exc, data, _ORIGINS.get()) from None
+            raise _config_error(exc, data, _ORIGINS.get()) from None
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> FlexKVSettings:  # type: ignore[override]
@@ -345,7 +328,7 @@ class FlexKVSettings(BaseModel):
             causes = [(e.get("ctx") or {}).get("error") for e in exc.errors(include_url=False)]
             if len(causes) == 1 and isinstance(causes[0], ConfigError):
                 raise causes[0] from None
-            raise _convert_validation_error(exc, obj if isinstance(obj, Mapping) else {},
+            raise _config_error(exc, obj if isinstance(obj, Mapping) else {},
                                             _ORIGINS.get()) from None
 
     @property
@@ -376,7 +359,7 @@ class FlexKVSettings(BaseModel):
     def _no_bool_numbers(cls, value: Any) -> Any:
         # pydantic's lax mode would turn ``cpu_cache_gb: true`` into 1.0.
         if isinstance(value, bool):
-            raise _UseAllowed()
+            raise UseAllowed()
         if isinstance(value, str):
             return value.strip()
         return value
@@ -402,11 +385,11 @@ class FlexKVSettings(BaseModel):
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:
-            raise _UseAllowed()
+            raise UseAllowed()
         dirs: list[str] = []
         for item in items:
             if not isinstance(item, str):
-                raise _UseAllowed()
+                raise UseAllowed()
             item = item.strip()
             if not item:
                 continue
@@ -422,7 +405,7 @@ class FlexKVSettings(BaseModel):
         if value is None:
             return None
         if not isinstance(value, str):
-            raise _UseAllowed()
+            raise UseAllowed()
         value = value.strip()
         if not value.startswith(_PORT_SCHEMES) or len(value) <= len("ipc://"):
             raise ValueError("expected an address starting with ipc:// or tcp:// "
@@ -441,7 +424,7 @@ class FlexKVSettings(BaseModel):
         if value is None:
             return None
         if not isinstance(value, str):
-            raise _UseAllowed()
+            raise UseAllowed()
         value = value.strip()
         if "://" not in value:
             raise ValueError("expected scheme://host:port, e.g. mooncake://host:port or redis://host:port[/db]")
@@ -451,18 +434,18 @@ class FlexKVSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_tiers(self) -> FlexKVSettings:
-        problems: list[_Problem] = []
+        problems: list[Problem] = []
         if 0 < self.ssd_cache_gb < MIN_TIER_GB:
-            problems.append(_Problem("ssd_cache_gb", "use 0 (off) or at least one 4 KiB page (0.0000039)",
+            problems.append(Problem("ssd_cache_gb", "use 0 (off) or at least one 4 KiB page (0.0000039)",
                                      self.ssd_cache_gb))
         if self.remote_cache_gb > 0 and self.remote_store is None:
-            problems.append(_Problem("remote_cache_gb", "the remote tier needs {remote_store}",
+            problems.append(Problem("remote_cache_gb", "the remote tier needs {remote_store}",
                                      self.remote_cache_gb))
         if self.ssd_cache_gb > 0 and not self.ssd_cache_dir:
-            problems.append(_Problem("ssd_cache_gb", "the SSD tier needs at least one directory in {ssd_cache_dir}",
+            problems.append(Problem("ssd_cache_gb", "the SSD tier needs at least one directory in {ssd_cache_dir}",
                                      self.ssd_cache_gb))
         if problems:
-            raise _Problems(problems)
+            raise Problems(problems)
         return self
 
 
@@ -541,7 +524,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     finally:
         _ORIGINS.reset(token)
     for field, reason in checks(settings) if checks is not None else ():
-        problems.append(_problem_line(field, reason, values.get(field, getattr(settings, field)), origins))
+        problems.append(problem_line(field, reason, values.get(field, getattr(settings, field)), origins,
+                                     SETTING_NAMES))
     if problems:
         raise ConfigError(problems)
     for line in shadowed:
@@ -553,73 +537,6 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     return settings
 
 
-# --------------------------------------------------------------------------------------------------
-# pydantic ValidationError -> ConfigError
-
-
-def allowed_text(field: str) -> str:
-    info = FlexKVSettings.model_fields[field]
-    literal = literal_values(info.annotation)
-    if literal:
-        return ", ".join(literal) + " (case-insensitive)"
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    if "x-allowed" in extra:
-        return str(extra["x-allowed"])
-    if info.annotation is bool:
-        return "true or false (also 1/0, yes/no, on/off)"
-    return ""
-
-
-def _expected(field: str) -> str:
-    literal = literal_values(FlexKVSettings.model_fields[field].annotation)
-    if literal:
-        return "allowed values are " + ", ".join(literal)
-    return "expected " + allowed_text(field)
-
-
-def literal_values(annotation: Any) -> tuple[str, ...]:
-    if typing.get_origin(annotation) is Literal:
-        return tuple(str(v) for v in typing.get_args(annotation))
-    return ()
-
-
-def _problem_line(field: str, reason: str, value: Any, origins: Mapping[str, Source]) -> str:
-    """``<setting as written>=<value> is invalid: <reason>``, ``{other}`` in `reason` spelled the same way."""
-    source = origins.get(field, DIRECT)
-    for name in SETTING_NAMES:
-        reason = reason.replace("{" + name + "}", source.name(name))
-    return f"{source.describe(field, value)} is invalid: {reason}"
-
-
-def _convert_validation_error(exc: ValidationError, raw: Mapping[str, Any],
-                              origins: Mapping[str, Source]) -> ConfigError:
-    lines: list[str] = []
-    seen: set[str] = set()
-
-    def add(field: str, reason: str, value: Any) -> None:
-        if field in seen:
-            return
-        seen.add(field)
-        lines.append(_problem_line(field, reason, value, origins))
-
-    for err in exc.errors(include_url=False):
-        loc = err.get("loc") or ()
-        field = loc[0] if loc and isinstance(loc[0], str) else None
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, _Problems):
-            for problem in cause.problems:
-                add(problem.field, problem.reason, raw.get(problem.field, problem.value))
-            continue
-        if field is None or field not in SETTING_NAMES:
-            if err.get("type") == "extra_forbidden":
-                lines.append(f"unknown setting {field!r}{suggest(field, SETTING_NAMES)} "
-                             f"(allowed settings are {', '.join(SETTING_NAMES)})")
-            else:
-                lines.append(err.get("msg", str(err)))
-            continue
-        if isinstance(cause, ValueError) and not isinstance(cause, _UseAllowed):
-            reason = str(cause)
-        else:
-            reason = _expected(field)
-        add(field, reason, raw.get(field, err.get("input")))
-    return ConfigError(lines or [str(exc).splitlines()[0]])
+def _config_error(exc: ValidationError, raw: Mapping[str, Any], origins: Mapping[str, Source]) -> ConfigError:
+    return ConfigError(validation_error_lines(exc, raw, origins, FlexKVSettings.model_fields) or
+                       [str(exc).splitlines()[0]])

@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:
 import typing  # noqa: E402
 from typing import Any, Literal, Optional  # noqa: E402
 
-from dynamo_flexkv.config import FlexKVSettings, allowed_text, env_var_name, literal_values  # noqa: E402
+from dynamo_flexkv.config import FlexKVSettings, env_var_name  # noqa: E402
+from dynamo_flexkv.config_errors import allowed_text, literal_values  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "docs" / "configuration.md"
 BEGIN = "<!-- BEGIN GENERATED -->"
@@ -146,7 +147,7 @@ def settings_table_markdown() -> str:
             f"`{env_var_name(name)}`",
             _type_text(name, info.annotation),
             _default_text(info),
-            allowed_text(name),
+            allowed_text(info),
             info.description or "",
         )) + " |")
     return "\n".join(rows)
