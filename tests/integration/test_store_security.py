@@ -132,8 +132,12 @@ def test_the_password_is_never_shown_in_a_normal_run(scheme, request, tls, caplo
 
 
 def test_a_bad_store_url_never_echoes_its_password():
-    with pytest.raises(ConfigError) as failed:
-        FlexKVSettings(remote_store=f"redis://{USER}:{SECRET_IN_URL}@127.0.0.1:notaport/0")
+    from dynamo_flexkv.config import load_settings
+    from dynamo_flexkv.tiers.preflight import preflight
+
+    with pytest.raises(ConfigError) as failed:  # as the connector loads its settings at start-up
+        load_settings({"remote_store": f"redis://{USER}:{SECRET_IN_URL}@127.0.0.1:notaport/0"}, environ={},
+                      checks=preflight)
     assert SECRET_IN_URL not in str(failed.value) and f"redis://{USER}:***@127.0.0.1:notaport/0" in str(failed.value)
 
 
