@@ -174,3 +174,57 @@ def test_spills_planned_in_one_step_go_to_each_tier_as_one_batch(stacks):
     settle(stack)
     assert writes == [chain("a", 2) + chain("b", 3)]
     assert stack.engine.tiers[1].match(chain("a", 2)) == 2 and stack.engine.tiers[1].match(chain("b", 3)) == 3
+
+
+class CountingLookups:
+    """A shared tier's lookups, counted; `answer=False` leaves every question unanswered."""
+
+    def __init__(self, tier: MemoryTier, answer: bool = True):
+        self.asked: list[list[bytes]] = []
+        self._lookup, self._answer = tier.lookup, answer
+        tier.lookup = self
+
+    def __call__(self, keys):
+        self.asked.append(list(keys))
+        return self._lookup(keys) if self._answer else Future()
+
+
+def test_a_moving_boundary_never_restarts_the_lookup_clock(stacks):
+    """vLLM's own hit or other requests' saves move the request's un-hit boundary every step: the
+    request still waits at most `remote_timeout_s` in all for the store (it used to ask anew and
+    restart its clock at every move, and never time out while the boundary kept moving)."""
+    cluster = named("CLUSTER", num_slots=64)
+    CountingLookups(cluster, answer=False)
+    stack = stacks(cluster, timeout_s=0.05)
+    keys = chain("m", 8)  # the CPU tier's size
+    for moved in range(len(keys)):  # one more block held locally at every step, for 3x the budget
+        if (answer := stack.lookup("r", keys, None)) is not None:
+            break
+        store(stack.engine, f"s{moved}", keys[: moved + 1])
+        time.sleep(0.02)
+    assert answer is not None and answer < len(keys), "the request kept waiting while its boundary moved"
+
+
+def test_a_pending_question_covering_the_rest_is_not_asked_again(stacks):
+    """The boundary moves forward while the question is pending: its answer still covers the rest."""
+    cluster = named("CLUSTER", num_slots=64)
+    writer = stacks(cluster)
+    keys = chain("q", 4)
+    store(writer.engine, "w", keys)
+    settle(writer)
+    counted = CountingLookups(cluster)
+    reader = stacks(cluster)
+    assert reader.lookup("r", keys, None) is None
+    store(reader.engine, "local", keys[:1])  # the boundary moves before the answer was looked at
+    assert until(lambda: reader.lookup("r", keys, None), "the store's answer") == 4
+    assert counted.asked == [keys]
+
+
+def test_requests_sharing_a_prefix_share_one_question(stacks):
+    cluster = named("CLUSTER", num_slots=64)
+    counted = CountingLookups(cluster, answer=False)
+    stack = stacks(cluster)
+    keys = chain("s", 4)
+    assert stack.lookup("a", keys, None) is None
+    assert stack.lookup("b", keys[:3], None) is None  # a prefix of what "a" asked
+    assert counted.asked == [keys]
