@@ -15,7 +15,7 @@ and read back by staging into the top tier, from which every load reaches the GP
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from dynamo_flexkv.index.groups import ALL_GROUPS
@@ -175,12 +175,15 @@ class CacheEngine:
         self._loads[request_id] = _PendingLoad(plan, first_parent, locked, staging=bool(staged))
         return plan
 
-    def complete_stage(self, request_id: str, ok: Sequence[bool]) -> int:
+    def complete_stage(self, request_id: str, ok: Sequence[bool], held: Collection[int] = ()) -> int:
         """Acknowledge the staging reads of the request's load; ``ok[i]`` is for ``staged[i]``.
 
         Good blocks become READY in the top tier (announced; locked for this load). A bad block is
         dropped from its lower tier (its bytes cannot be trusted) and it and every block after it
-        are not loaded. Returns how many leading blocks of the plan can be loaded.
+        are not loaded. ``held``: positions in ``staged`` of failed reads that may still write into
+        their slots (a call past its deadline); those stay WRITING in the top tier, so their slots
+        are not reused, until ``release_held``. Returns how many leading blocks of the plan can be
+        loaded.
         """
         pending = self._loads[request_id]
         plan, top = pending.plan, self._tiers[0]
@@ -189,7 +192,7 @@ class CacheEngine:
         pending.staging = False
         usable = next((s.index for s, good in zip(plan.staged, ok) if not good), len(plan.keys))
         committed, parents = [], []
-        for staging, good in zip(plan.staged, ok):
+        for position, (staging, good) in enumerate(zip(plan.staged, ok)):
             key = plan.keys[staging.index]
             source = self._by_name[staging.tier]
             source.unlock([key])
@@ -201,7 +204,8 @@ class CacheEngine:
                 parents.append(plan.keys[staging.index - 1] if staging.index else pending.first_parent)
                 self._stats.hit_blocks[source.name] += 1
                 continue
-            top.rollback([key])
+            if position not in held:
+                top.rollback([key])
             if not good:
                 dropped = source.drop([key])
                 self._stats.dropped_blocks[source.name] += len(dropped)
@@ -213,6 +217,10 @@ class CacheEngine:
         if usable < len(plan.keys):
             self._stats.load_failures += 1
         return usable
+
+    def release_held(self, keys: Sequence[bytes]) -> None:
+        """The late reads of blocks ``complete_stage`` held returned: free their top-tier slots."""
+        self._tiers[0].rollback(keys)
 
     def complete_load(
         self, request_id: str, success: bool, bad_keys: Sequence[bytes] = ()

@@ -94,10 +94,13 @@ class TierStack:
         if self.io is None:
             return []
         staged = []
-        for rid, ok in self.io.finished_stages():
+        for rid, ok, held in self.io.finished_stages():
             if self.shared is not None:
                 self.shared.staged(rid, ok)
-            staged.append((rid, self.engine.complete_stage(rid, ok)))
+            staged.append((rid, self.engine.complete_stage(rid, ok, held)))
+        settled = self.io.settled()
+        if settled:
+            self.engine.release_held(settled)
         for spill_id, ok in self.io.finished_spills():
             self.engine.complete_spill(spill_id, ok)
         self.io.spill(self.engine.take_spills(), tokens_of)
@@ -118,6 +121,12 @@ class TierStack:
     @property
     def num_pending(self) -> int:
         return self.io.num_pending if self.io is not None else 0
+
+    @property
+    def num_held(self) -> int:
+        """CPU slots held while reads answered at their deadline may still write them (not pending
+        work: vLLM need not step for them; they are freed at the first step after the reads return)."""
+        return self.io.num_held if self.io is not None else 0
 
     def close(self) -> None:
         """Let in-flight writes land (bounded), so a restart finds them; close every backend."""

@@ -196,15 +196,16 @@ UNREACHABLE = {"redis": "redis://127.0.0.1:{port}/0", "mooncake": "mooncake://12
 
 
 @pytest.mark.parametrize("scheme", sorted(UNREACHABLE))
-def test_an_unreachable_store_fails_at_start_up_in_one_line_or_starts_degraded(scheme):
+def test_an_unreachable_store_starts_degraded_by_default_or_fails_at_start_up_in_one_line(scheme, caplog):
     url = UNREACHABLE[scheme].format(port=free_port())
-    with pytest.raises(ConnectionError) as failed:
-        open_backend(scheme, LAYOUT, SLOT, FlexKVSettings(remote_store=url, remote_timeout_s=2))
-    assert url in str(failed.value) and "\n" not in str(failed.value)
-    settings = FlexKVSettings(remote_store=url, remote_timeout_s=2, remote_start_degraded=True)
-    tier = open_backend(scheme, LAYOUT, SLOT, settings)
+    tier = open_backend(scheme, LAYOUT, SLOT, FlexKVSettings(remote_store=url, remote_timeout_s=2))
     try:
-        assert not tier.healthy and "unreachable" in tier.degraded_reason
+        assert not tier.healthy and "unreachable" in tier.degraded_reason and tier.stats.started_degraded == 1
         assert tier.lookup([b"k" * 32]).result(timeout=TIMEOUT) == [False]
     finally:
         tier.close()
+    assert [r.levelname for r in caplog.records if "STARTING DEGRADED" in r.getMessage()] == ["WARNING"]
+    settings = FlexKVSettings(remote_store=url, remote_timeout_s=2, remote_start_degraded=False)
+    with pytest.raises(ConnectionError) as failed:
+        open_backend(scheme, LAYOUT, SLOT, settings)
+    assert url in str(failed.value) and "\n" not in str(failed.value)
