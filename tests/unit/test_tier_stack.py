@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.storage.backend import failed_io
+from dynamo_flexkv.storage.backend import IoResult, completed, failed_io
 from dynamo_flexkv.index import CacheEngine, Stored, TierIndex, make_policy
 from dynamo_flexkv.storage.cpu.pool import SHM_DIR
 from dynamo_flexkv.storage.layout import PoolGeometry
@@ -228,3 +228,28 @@ def test_requests_sharing_a_prefix_share_one_question(stacks):
     assert stack.lookup("a", keys, None) is None
     assert stack.lookup("b", keys[:3], None) is None  # a prefix of what "a" asked
     assert counted.asked == [keys]
+
+
+def test_a_slot_a_late_read_may_still_write_is_not_reused_until_the_read_returned(stacks):
+    """A staging read answered at its deadline while its call still runs: the request recomputes at
+    once, but the CPU slot the call may still write stays out of use until the call returned."""
+    cluster = named("CLUSTER")
+    writer, reader = stacks(cluster), stacks(cluster)
+    keys = chain("l", 2)
+    store(writer.engine, "w", keys)
+    settle(writer)
+    assert until(lambda: reader.lookup("r", keys, None), "the store's answer") == 2
+    returned: Future = Future()
+    cluster.read = lambda pool, addrs, slots, keys: completed(IoResult([False] * len(keys), 0, unsettled=returned))
+    plan = reader.engine.prepare_load("r", keys)
+    reader.stage(plan)
+    assert until(lambda: reader.advance(), "the staging answer") == [("r", 0)]
+    reader.engine.complete_load("r", success=True)
+    cpu = reader.engine.tiers[0]
+    held = set(plan.slots)
+    assert reader.num_held == 2 and reader.num_pending == 0 and cpu.num_used == 2
+    store(reader.engine, "other", chain("o", cpu.num_slots))  # fills every other slot, never a held one
+    assert not held & {cpu.slot_of(k) for k in chain("o", cpu.num_slots) if cpu.contains(k)}
+    returned.set_result(None)
+    reader.advance()
+    assert reader.num_held == 0 and not any(cpu.contains(k) for k in keys)

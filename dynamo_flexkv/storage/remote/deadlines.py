@@ -118,7 +118,7 @@ class DeadlineCalls:
                     self._lock.wait(self._deadlines[0][0] - now if self._deadlines else None)
                     continue
             for call in expired:
-                self._on_expired(getattr(call.fn, "__name__", "call").strip("_"))
+                self._on_expired(getattr(call.fn, "__name__", "call").strip("_").removesuffix("_batch"))
 
     def close(self) -> bool:
         """Take no more calls; wait until every submitted call was answered (each by its deadline).

@@ -31,6 +31,8 @@ NO_AVAILABLE_HANDLE = -200  # the store is full: the put is declined
 OBJECT_NOT_FOUND = -704
 OBJECT_ALREADY_EXISTS = -705
 RPC_FAIL = -900  # the master did not answer
+RPC_TIMEOUT = -901  # nor within Mooncake's own RPC timeout (30 s)
+UNREACHABLE = (RPC_FAIL, RPC_TIMEOUT)
 
 
 def route_address(host: str, port: int) -> str:
@@ -54,11 +56,25 @@ class MooncakeTier(RemoteTier):
     def connect_timeout_s(cls, settings: Any) -> float:
         return max(SETUP_TIMEOUT_FLOOR_S, 3 * settings.remote_timeout_s)
 
-    def _connect(self) -> None:
-        try:  # Mooncake's setup waits ~90 s for a master that is not there: ask the port first
-            socket.create_connection((self._host, self._port), timeout=self.timeout_s).close()
+    def _master_answers(self) -> None:
+        """Raise unless the master's process answers, within `timeout_s`. Mooncake's `setup` and
+        `close` hold the GIL while they wait for the master (30 s per RPC, retried): every thread of
+        the engine would stop behind a master that is absent or frozen. A live master closes a
+        connection that sends it a malformed header at once; a frozen one (its kernel still accepts
+        connections) stays silent."""
+        try:
+            with socket.create_connection((self._host, self._port), timeout=self.timeout_s) as probe:
+                probe.sendall(bytes(64))
+                probe.recv(64)
+        except TimeoutError:
+            raise ConnectionError(f"Mooncake master {self.master} accepts connections but does not answer "
+                                  f"within {self.timeout_s:g}s") from None
         except OSError as exc:
-            raise ConnectionError(f"Mooncake master unreachable ({exc})") from None
+            if not isinstance(exc, ConnectionResetError):
+                raise ConnectionError(f"Mooncake master unreachable ({exc})") from None
+
+    def _connect(self) -> None:
+        self._master_answers()  # the race left (the master freezes during setup) costs Mooncake's RPC timeout
         from mooncake.store import MooncakeDistributedStore
 
         settings = self._settings
@@ -98,8 +114,9 @@ class MooncakeTier(RemoteTier):
         return [code == 1 for code in codes]
 
     def _judge(self, codes, count: int, good: tuple[int, ...], verb: str, quiet: tuple[int, ...] = ()) -> list[bool]:
-        if len(codes) != count or RPC_FAIL in codes:
-            raise ConnectionError(f"{verb} failed with code {RPC_FAIL}: master {self.master} not answering")
+        lost = next((code for code in codes if code in UNREACHABLE), None)
+        if len(codes) != count or lost is not None:
+            raise ConnectionError(f"{verb} failed with code {lost}: master {self.master} not answering")
         failures = [code for code in codes if code not in good and code not in quiet]
         if failures:
             declined = "store full, " if NO_AVAILABLE_HANDLE in failures else ""
@@ -108,6 +125,12 @@ class MooncakeTier(RemoteTier):
         return [code in good for code in codes]
 
     def _disconnect(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        if self._store is None:
+            return
+        try:
+            self._master_answers()
+        except ConnectionError as exc:  # close would hold the GIL until Mooncake's RPC timeout
+            logger.warning("tier %s: the client is left to the process's exit: %s", self.name, exc)
+            return
+        self._store.close()
+        self._store = None
