@@ -34,12 +34,6 @@ class _Question:
         return at is not None and tuple(rest[: len(self.keys) - at]) == self.keys[at: at + len(rest)]
 
 
-@dataclass
-class _Waiting:
-    question: _Question
-    since: float  # when the request first waited: its one budget of `timeout_s`
-
-
 class SharedLookups:
     """Asks a shared tier, off the scheduler's thread, whether the blocks after a local hit exist.
 
@@ -62,7 +56,7 @@ class SharedLookups:
         self.backend = backend
         self.timeout_s = timeout_s
         self.absent_ttl_s = absent_ttl_s
-        self._waiting: dict[str, _Waiting] = {}
+        self._waiting: dict[str, float] = {}  # request -> when it first waited: its one budget of `timeout_s`
         self._pending: dict[bytes, tuple[_Question, int]] = {}  # key -> a pending question asking it, where
         self._questions: deque[_Question] = deque()  # pending, oldest first
         self._absent: dict[bytes, float] = {}  # key -> until when it is known absent
@@ -71,32 +65,29 @@ class SharedLookups:
     def extend(self, request_id: str, keys: Sequence[bytes], first_parent: bytes | None, hits: int) -> int | None:
         now = time.monotonic()
         self._forget_old_questions(now)
-        waiting = self._waiting.get(request_id)
-        if not self._worth_asking(request_id, keys, hits, waiting, now):
+        since = self._waiting.setdefault(request_id, now)
+        if not self._worth_asking(request_id, keys, hits, since, now):
             return hits
         rest = keys[hits:]
         question = self._covering(rest)
         asked = question is None
         if asked:
             question = self._ask(tuple(rest), keys[hits - 1] if hits else first_parent, now)
-        if waiting is None:
-            waiting = self._waiting[request_id] = _Waiting(question, now)
-        waiting.question = question
         if asked or not question.future.done():  # a new question is looked at from the next step on
             return None
         self._apply(question, now)
         hits = self.engine.lookup(keys)
-        if self._worth_asking(request_id, keys, hits, waiting, now):  # the question reached only part of it
+        if self._worth_asking(request_id, keys, hits, since, now):  # the question reached only part of it
             self._ask(tuple(keys[hits:]), keys[hits - 1] if hits else first_parent, now)
             return None
-        return hits
+        return hits  # answered: a later ask (vLLM reschedules after a failed load) has a budget of its own
 
-    def _worth_asking(self, request_id: str, keys: Sequence[bytes], hits: int, waiting: _Waiting | None,
-                      now: float) -> bool:
-        """Whether the blocks from `hits` on are worth waiting for; if not, the request is forgotten."""
+    def _worth_asking(self, request_id: str, keys: Sequence[bytes], hits: int, since: float, now: float) -> bool:
+        """Whether the blocks from `hits` on are worth waiting for; if not, the request is forgotten
+        (its answer is final)."""
         rest = keys[hits:]
         if rest and self.backend.healthy and self._absent.get(rest[0], 0.0) <= now:
-            if waiting is None or now - waiting.since < self.timeout_s:
+            if now - since < self.timeout_s:
                 return True
             logger.warning("tier %s: lookup of %d blocks unanswered after %.1fs, counted as a miss: request=%s",
                            self.backend.name, len(rest), self.timeout_s, request_id)

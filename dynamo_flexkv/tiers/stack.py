@@ -74,9 +74,9 @@ class TierStack:
     def lookup(self, request_id: str, keys: Sequence[bytes], first_parent: bytes | None) -> int | None:
         """Leading ``keys`` some tier holds; None while a shared tier is still being asked."""
         hits = self.engine.lookup(keys) if keys else 0
-        if self.shared is None or hits == len(keys):
+        if self.shared is None:
             return hits
-        return self.shared.extend(request_id, keys, first_parent, hits)
+        return self.shared.extend(request_id, keys, first_parent, hits)  # answers at once when nothing is left
 
     def forget(self, request_id: str) -> None:
         if self.shared is not None:
