@@ -43,7 +43,11 @@ class DeadlineCalls:
         self.name = name
         self.timeout_s = timeout_s
         self._on_expired = on_expired
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
+        self._work_ready = threading.Condition(self._lock)
+        # Deadlines come in submission order (one timeout): the watchdog is woken only when the
+        # earliest one changes, not by every call (a thread switch per call on a busy machine)
+        self._watch_ready = threading.Condition(self._lock)
         self._queue: deque[_Call] = deque()
         self._deadlines: list[tuple[float, int, _Call]] = []
         self._order = itertools.count()
@@ -61,8 +65,10 @@ class DeadlineCalls:
             if self._closed:
                 raise RuntimeError(f"{self.name}: closed")
             self._queue.append(call)
+            if not self._deadlines:
+                self._watch_ready.notify()
             heapq.heappush(self._deadlines, (call.deadline, next(self._order), call))
-            self._lock.notify_all()
+            self._work_ready.notify()
         return call.future
 
     @property
@@ -74,7 +80,7 @@ class DeadlineCalls:
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
-                    self._lock.wait()
+                    self._work_ready.wait()
                 if not self._queue:
                     return
                 call = self._queue.popleft()
@@ -115,7 +121,7 @@ class DeadlineCalls:
                         call.future.set_result(call.on_timeout(call.settled if running else None))
                         expired.append(call)
                 if not expired:
-                    self._lock.wait(self._deadlines[0][0] - now if self._deadlines else None)
+                    self._watch_ready.wait(self._deadlines[0][0] - now if self._deadlines else None)
                     continue
             for call in expired:
                 self._on_expired(getattr(call.fn, "__name__", "call").strip("_").removesuffix("_batch"))
@@ -125,7 +131,8 @@ class DeadlineCalls:
         True when no call is still running (an overdue one may never return: its thread is left)."""
         with self._lock:
             self._closed = True
-            self._lock.notify_all()
+            self._work_ready.notify_all()
+            self._watch_ready.notify_all()
             pending = [call.future for _, _, call in self._deadlines]
         for future in pending:
             try:
@@ -135,5 +142,5 @@ class DeadlineCalls:
         deadline = time.monotonic() + 1  # a call answered just now may still be finishing its bookkeeping
         with self._lock:
             while self._running and time.monotonic() < deadline:
-                self._lock.wait(0.05)
+                self._work_ready.wait(0.05)
             return self._running == 0
