@@ -23,8 +23,10 @@ The failure contract of storage/backend.py, for every backend at once:
 - a read that ran past its deadline may still write into the pool slots it was given: its result
   carries `unsettled`, and the caller keeps those slots out of use until the call returned. Chosen
   over reading through a bounce buffer, which would copy every block once more on every read, the
-  fast path: a memcpy of a 2 MiB block costs ~0.2 ms here, ~15 % of a Mooncake get over loopback
-  (benchmarks/remote.py); holding slots costs nothing until a store stalls;
+  fast path: copying a 2 MiB block took 0.34-0.39 ms on the 2-core test machine (~5 GB/s), a
+  quarter of a Mooncake get of it over loopback (1.25-1.5 GB/s, benchmarks/remote.py), and would
+  break the tier's >= 0.9 of the raw client; holding slots costs nothing until a store stalls, and
+  then only the slots of the calls it stalled;
 - a late write reads pool slots that may have been reused: the value it stores then fails its
   checksum on every read (a miss), never a wrong block;
 - start-up: the store unreachable (refused, or a frozen master that never answers) is one warning
