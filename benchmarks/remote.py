@@ -40,9 +40,9 @@ os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
 
 from dynamo_flexkv.config import FlexKVSettings  # noqa: E402
 from dynamo_flexkv.storage.backend import open_backend  # noqa: E402
+from dynamo_flexkv.storage.remote.base import IO_THREADS  # noqa: E402
 from dynamo_flexkv.storage.remote.common import HEADER_BYTES, Framing  # noqa: E402
 from dynamo_flexkv.storage.remote.integrity import ValueMac  # noqa: E402
-from dynamo_flexkv.storage.remote.mooncake import IO_THREADS  # noqa: E402
 
 GB = 1e9
 

@@ -273,17 +273,21 @@ class FlexKVSettings(BaseModel):
         json_schema_extra={"x-allowed": "unset, or a host name or IP address", "x-default": "unset (auto)"},
     )
     remote_start_degraded: bool = Field(
-        False,
-        description="When the remote store cannot be reached at start-up: off fails with one error "
-        "line; on starts with the tier answering misses and retries in the background.",
+        True,
+        description="When the remote store cannot be reached at start-up (refused, or a master that "
+        "never answers): on starts with the tier answering misses (one warning line, "
+        "vllm:flexkv_tier_healthy 0) and connects in the background; off fails with one error "
+        "line. A malformed URL always fails.",
     )
     remote_timeout_s: float = Field(
         5.0,
         gt=0,
         le=600,
         allow_inf_nan=False,
-        description="Longest a remote lookup may stay unanswered before it counts as a miss, and "
-        "the retry interval of a degraded remote tier.",
+        description="Deadline of every call to the remote store (read, write, lookup): an "
+        "unanswered call is a miss (the request recomputes) and degrades the tier, which probes "
+        "the store every remote_timeout_s until it answers. Also the longest a request waits for "
+        "remote lookups in all.",
         json_schema_extra={"x-allowed": "a number of seconds > 0 and <= 600"},
     )
 

@@ -77,6 +77,17 @@ class PrivateNetwork:
     def mend(self, node: int) -> None:
         _ip("-n", self.store, "link", "set", f"p{node}", "up")
 
+    def slow(self, node: int, rate: str) -> None:
+        """Rate-limit node i's link both ways (a token bucket: this kernel has no netem to add delay),
+        so a store call that moves a few blocks takes seconds."""
+        for ns, dev in ((self.nodes[node], "eth0"), (self.store, f"p{node}")):
+            _run(self.run_in(ns, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
+                                  "burst", "16kb", "latency", "60s"]))
+
+    def unslow(self, node: int) -> None:
+        for ns, dev in ((self.nodes[node], "eth0"), (self.store, f"p{node}")):
+            _run(self.run_in(ns, ["tc", "qdisc", "del", "dev", dev, "root"]))
+
     def remove(self) -> None:
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
@@ -84,9 +95,13 @@ class PrivateNetwork:
 
 
 def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    _run(["ip", *args])
+
+
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if done.returncode:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
 
 
 @contextlib.contextmanager

@@ -332,6 +332,8 @@ def _flexkv_state(scheduler, side) -> dict[str, Any]:
         "computed_tokens": side.computed_tokens,
         "preemptions": side.preemptions,
         "engine_stats": vars(side.engine.snapshot()),
+        "inflight": side.num_inflight,  # loads, saves and lower-tier work not yet answered
+        "held_slots": side.tiers.num_held,  # CPU slots kept from reads answered at their deadline
     }
     for backend in side.tiers.backends:
         tier = {"healthy": backend.healthy, "reason": backend.degraded_reason}

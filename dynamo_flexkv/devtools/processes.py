@@ -182,6 +182,14 @@ class Service:
             raise ServiceError(f"service {self.name} (pid {self.pid}) exited with code "
                                f"{self.process.returncode}; last log lines:\n{self.log_tail()}")
 
+    def freeze(self) -> None:
+        """SIGSTOP its process group: it keeps its sockets (the kernel still accepts connections) but
+        never answers, as a hung or overloaded server."""
+        _signal_group(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        _signal_group(self.pid, signal.SIGCONT)
+
     def stop(self, grace_s: float = 20.0) -> list[int]:
         """SIGTERM the session's process group, then SIGKILL what is left; returns pids that needed SIGKILL."""
         if self.process is None:
@@ -189,6 +197,7 @@ class Service:
         sid = self.pid
         if self.running():
             _signal_group(sid, signal.SIGTERM)
+            _signal_group(sid, signal.SIGCONT)  # a frozen one handles its SIGTERM
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (self.running() or session_members(sid)):
             time.sleep(0.2)

@@ -18,7 +18,7 @@ and read back by staging into the top tier, from which every load reaches the GP
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from dynamo_flexkv.index.groups import ALL_GROUPS
@@ -190,13 +190,16 @@ class CacheEngine:
         self._loads[request_id] = _PendingLoad(plan, first_parent, self._epoch, locked, staging=bool(staged))
         return plan
 
-    def complete_stage(self, request_id: str, ok: Sequence[bool]) -> int:
+    def complete_stage(self, request_id: str, ok: Sequence[bool], held: Collection[int] = ()) -> int:
         """Acknowledge the staging reads of the request's load; ``ok[i]`` is for ``staged[i]``.
 
         Good blocks become READY in the top tier (announced; locked for this load). A bad block is
         dropped from its lower tier (its bytes cannot be trusted) and it and every block after it
-        are not loaded. Returns how many leading blocks of the plan can be loaded: none if the plan
-        predates a reset (its blocks hold KV of before it), whose staged blocks are never committed.
+        are not loaded. ``held``: positions in ``staged`` of failed reads that may still write into
+        their slots (a call past its deadline); those stay WRITING in the top tier, so their slots
+        are not reused, until ``release_held``. Returns how many leading blocks of the plan can be
+        loaded: none if the plan predates a reset (its blocks hold KV of before it), whose staged
+        blocks are never committed.
         """
         pending = self._loads[request_id]
         plan, top = pending.plan, self._tiers[0]
@@ -204,11 +207,11 @@ class CacheEngine:
             raise ValueError(f"request {request_id}: expected {len(plan.staged)} staging results")
         pending.staging = False
         if pending.epoch != self._epoch:
-            self._release_staged(plan)
+            self._release_staged(plan, held)
             return 0
         usable = next((s.index for s, good in zip(plan.staged, ok) if not good), len(plan.keys))
         committed, parents = [], []
-        for staging, good in zip(plan.staged, ok):
+        for position, (staging, good) in enumerate(zip(plan.staged, ok)):
             key = plan.keys[staging.index]
             source = self._by_name[staging.tier]
             source.unlock([key])
@@ -220,7 +223,8 @@ class CacheEngine:
                 parents.append(plan.keys[staging.index - 1] if staging.index else pending.first_parent)
                 self._stats.hit_blocks[source.name] += 1
                 continue
-            top.rollback([key])
+            if position not in held:
+                top.rollback([key])
             if not good:
                 dropped = source.drop([key])
                 self._stats.dropped_blocks[source.name] += len(dropped)
@@ -232,6 +236,10 @@ class CacheEngine:
         if usable < len(plan.keys):
             self._stats.load_failures += 1
         return usable
+
+    def release_held(self, keys: Sequence[bytes]) -> None:
+        """The late reads of blocks ``complete_stage`` held returned: free their top-tier slots."""
+        self._tiers[0].rollback(keys)
 
     def complete_load(
         self, request_id: str, success: bool, bad_keys: Sequence[bytes] = ()
@@ -276,13 +284,15 @@ class CacheEngine:
         if pending.staging:
             self._release_staged(pending.plan)
 
-    def _release_staged(self, plan: LoadPlan) -> None:
-        """Free the top-tier slots of a load's staged blocks, and unlock their sources."""
+    def _release_staged(self, plan: LoadPlan, held: Collection[int] = ()) -> None:
+        """Free the top-tier slots of a load's staged blocks (but those of `held` positions, see
+        `complete_stage`), and unlock their sources."""
         top = self._tiers[0]
-        for staging in plan.staged:
+        for position, staging in enumerate(plan.staged):
             key = plan.keys[staging.index]
             self._by_name[staging.tier].unlock([key])
-            top.rollback([key])
+            if position not in held:
+                top.rollback([key])
 
     # ---- stores --------------------------------------------------------------------------
 

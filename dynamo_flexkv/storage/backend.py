@@ -8,7 +8,8 @@ block at that address; a key-addressed tier (a cluster store) may ignore it and 
 
 The failure contract every backend keeps, checked by `tests/unit/test_tier_contract.py`:
 - `write`/`read` return at once with a Future that always completes, within a bounded time, with an
-  `IoResult`; a failed block is `ok=False` (a miss), never an exception;
+  `IoResult`; a failed block is `ok=False` (a miss), never an exception; a read answered before its
+  call returned says so (`IoResult.unsettled`): its pool slots are kept out of use until then;
 - `read` verifies what it read (key and checksum): a corrupt or foreign value is `ok=False`, and the
   pool slot of a failed block holds garbage;
 - a backend that cannot reach its medium degrades (`healthy=False`, `degraded_reason` set) and keeps
@@ -44,6 +45,9 @@ BACKENDS = {
 class IoResult:
     ok: list[bool]  # per block, in the order asked; a failed block is a miss
     bytes: int  # bytes moved by the blocks that succeeded
+    # Set when the batch was answered at its deadline while its call still runs: a read may still
+    # write into the pool slots it was given until this completes, so they must not be reused before.
+    unsettled: Future | None = None
 
 
 @dataclass

@@ -6,7 +6,9 @@ scheduler never blocks on a disk or a network. A staging may read from several t
 tier) and is handed back once all its batches finished. The spills planned in one scheduler step
 go to each destination tier as one batch (one round trip to a remote store), and are handed back
 strictly in the order they were planned *per destination tier* (the index announces a parent
-before its children in each tier); stagings in any order.
+before its children in each tier); stagings in any order. A staging read answered at its deadline
+while its call still runs may yet write into its CPU slots: those slots are held (the index keeps
+them WRITING) until the call returned, so they are never reused under a late write.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ class LowerTiers:
     def __init__(self, backends: Mapping[str, TierBackend], pool: torch.Tensor):
         self.backends = dict(backends)
         self.pool = pool
-        # request id -> [(future, positions in plan.staged)], number of staged blocks
-        self._stages: dict[str, tuple[list[tuple[Future, list[int]]], int]] = {}
+        # request id -> [(future, positions in plan.staged)], the plan
+        self._stages: dict[str, tuple[list[tuple[Future, list[int]]], LoadPlan]] = {}
+        # late reads still running -> the top-tier keys whose slots they may write
+        self._unsettled: list[tuple[Future, list[bytes]]] = []
         # destination tier -> (spill id, its batch's future, the batch's size, this spill's blocks in it)
         self._spills: dict[str, deque[tuple[int, Future, int, slice]]] = {name: deque() for name in self.backends}
 
@@ -45,7 +49,7 @@ class LowerTiers:
             future = self._submit(tier, "read", lambda backend: backend.read(
                 self.pool, [s.slot for s in staged], [plan.slots[s.index] for s in staged], keys), len(keys))
             jobs.append((future, positions))
-        self._stages[plan.request_id] = (jobs, len(plan.staged))
+        self._stages[plan.request_id] = (jobs, plan)
 
     def spill(self, plans: Sequence[SpillPlan],
               tokens_of: Callable[[Sequence[bytes]], list[Sequence[int]]] | None = None) -> None:
@@ -75,18 +79,43 @@ class LowerTiers:
             logger.exception("tier %s: %s of %d blocks could not be submitted", tier, verb, count)
             return failed_io(count)
 
-    def finished_stages(self) -> list[tuple[str, list[bool]]]:
-        """(request id, ok per staged block in plan order) of every staging whose reads all finished."""
+    def finished_stages(self) -> list[tuple[str, list[bool], list[int]]]:
+        """(request id, ok per staged block in plan order, positions whose slots a late read may still
+        write) of every staging whose reads were all answered."""
         done = [rid for rid, (jobs, _) in self._stages.items() if all(f.done() for f, _ in jobs)]
         out = []
         for rid in done:
-            jobs, count = self._stages.pop(rid)
-            ok = [False] * count
+            jobs, plan = self._stages.pop(rid)
+            ok, held = [False] * len(plan.staged), []
             for future, positions in jobs:
                 for position, good in zip(positions, self._outcome(future, len(positions), "stage", rid)):
                     ok[position] = good
-            out.append((rid, ok))
+                unsettled = self._unsettled_of(future)
+                if unsettled is not None:
+                    held += positions
+                    self._unsettled.append((unsettled, [plan.keys[plan.staged[p].index] for p in positions]))
+            out.append((rid, ok, held))
         return out
+
+    def settled(self) -> list[bytes]:
+        """Keys of held slots whose late reads have returned since the last call: free to reuse."""
+        done, running = [], []
+        for future, keys in self._unsettled:
+            (done if future.done() else running).append((future, keys))
+        self._unsettled = running
+        return [key for _, keys in done for key in keys]
+
+    @property
+    def num_held(self) -> int:
+        """CPU slots kept out of use while late reads may still write them."""
+        return sum(len(keys) for _, keys in self._unsettled)
+
+    @staticmethod
+    def _unsettled_of(future: Future) -> Future | None:
+        try:
+            return getattr(future.result(), "unsettled", None)
+        except Exception:  # noqa: BLE001 - a failed future is a miss (`_outcome` logs it)
+            return None
 
     def finished_spills(self) -> list[tuple[int, list[bool]]]:
         done = []

@@ -76,9 +76,9 @@ class TierStack:
     def lookup(self, request_id: str, keys: Sequence[bytes], first_parent: bytes | None) -> int | None:
         """Leading ``keys`` some tier holds; None while a shared tier is still being asked."""
         hits = self.engine.lookup(keys) if keys else 0
-        if self.shared is None or hits == len(keys):
+        if self.shared is None:
             return hits
-        return self.shared.extend(request_id, keys, first_parent, hits)
+        return self.shared.extend(request_id, keys, first_parent, hits)  # answers at once when nothing is left
 
     def forget(self, request_id: str) -> None:
         if self.shared is not None:
@@ -96,10 +96,13 @@ class TierStack:
         if self.io is None:
             return []
         staged = []
-        for rid, ok in self.io.finished_stages():
+        for rid, ok, held in self.io.finished_stages():
             if self.shared is not None:
                 self.shared.staged(rid, ok)
-            staged.append((rid, self.engine.complete_stage(rid, ok)))
+            staged.append((rid, self.engine.complete_stage(rid, ok, held)))
+        settled = self.io.settled()
+        if settled:
+            self.engine.release_held(settled)
         for spill_id, ok in self.io.finished_spills():
             self.engine.complete_spill(spill_id, ok)
         self.io.spill(self.engine.take_spills(), tokens_of)
@@ -123,6 +126,12 @@ class TierStack:
     @property
     def num_pending(self) -> int:
         return self.io.num_pending if self.io is not None else 0
+
+    @property
+    def num_held(self) -> int:
+        """CPU slots held while reads answered at their deadline may still write them (not pending
+        work: vLLM need not step for them; they are freed at the first step after the reads return)."""
+        return self.io.num_held if self.io is not None else 0
 
     def close(self) -> None:
         """Let in-flight writes land (bounded), so a restart finds them; close every backend."""

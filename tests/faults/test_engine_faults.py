@@ -26,7 +26,9 @@ row drives the tier itself against a real master):
 | `test_a_cut_network_is_the_same_as_a_lost_master` | the node's network link cut |
 | `test_values_corrupted_in_the_store_are_recomputed_by_a_real_engine` | every value in the store corrupted (Redis): staged reads fail, recomputed, no staging loop |
 | `test_a_full_store_declines_puts_and_keeps_serving` | a store too small for what is written: puts declined, the tier healthy |
-| `test_an_engine_whose_store_is_unreachable_fails_at_start_up_in_one_line` | no store at start-up: one error line |
+| `test_an_engine_whose_store_is_unreachable_starts_degraded_or_fails_at_start_up_in_one_line` | no store at start-up: the tier starts degraded (one warning line) and the engine recomputes; with `remote_start_degraded: false`, one error line |
+| `test_a_stalled_store_during_traffic_is_recomputed_within_the_deadline_then_serves_again` | during traffic, in turn: the master frozen (SIGSTOP), the store node holding the values frozen, the link rate-limited (`tc tbf`; no netem in this kernel): every request within `remote_timeout_s` + its recompute, then no held slot or pending work, and the tier serves again |
+| `test_an_engine_started_while_the_store_stalls_serves_by_recompute_then_from_the_store` | an engine started while the master is frozen (starts degraded, bounded), and one started on a rate-limited link: recompute within the bound, then served from the store |
 """
 
 from __future__ import annotations

@@ -8,7 +8,11 @@ redis-server in the store namespace). Faults: the master dies (the
 tier degrades to recompute, no request hangs, no wrong token) and comes back (sharing resumes); a cut
 network link is the same as a lost master; a full store declines puts; values corrupted in the store
 are recomputed, never staged again and again. At start-up: an engine whose
-block hashes cannot match another's refuses the tier, and an unreachable store is one error line.
+block hashes cannot match another's refuses the tier, and an unreachable store starts the tier
+degraded (or, with remote_start_degraded off, is one error line). A stalled store -- the master or
+the node holding the values frozen (SIGSTOP), the link slowed -- during traffic and at start-up:
+every request answers within remote_timeout_s plus its recompute, with the reference tokens, and
+the tier serves again once the store returns.
 """
 
 from __future__ import annotations
@@ -200,11 +204,126 @@ def test_an_engine_with_per_process_random_block_hashes_refuses_the_cluster_tier
     assert "initialize_kv_cache" not in re.findall(r", in (\w+)\n", trace)  # before vLLM allocated its cache
 
 
-def test_an_engine_whose_store_is_unreachable_fails_at_start_up_in_one_line(tiny_model):
+def test_an_engine_whose_store_is_unreachable_starts_degraded_or_fails_at_start_up_in_one_line(tiny_model, reference):
+    """By default the engine starts with the tier degraded (one warning line) and serves by recompute;
+    with remote_start_degraded off it refuses to start, in one line."""
     url = f"mooncake://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    trace = start_failure(tiny_model, {"FLEXKV_REMOTE_STORE": url, "FLEXKV_REMOTE_TIMEOUT_S": "2"})
+    trace = start_failure(tiny_model, {"FLEXKV_REMOTE_STORE": url, "FLEXKV_REMOTE_TIMEOUT_S": "2",
+                                       "FLEXKV_REMOTE_START_DEGRADED": "false"})
     lines = [line for line in trace.splitlines() if line.startswith("ConnectionError")]
     assert lines == [f"ConnectionError: remote_store {url}: Mooncake master unreachable ([Errno 111] Connection "
-                     "refused); start the master, fix the URL, or set remote_start_degraded to start without it"]
+                     "refused); start the store, fix the URL, or set remote_start_degraded to start without it"]
     assert time.monotonic() - start < DEADLINE_S
+    prompts = make_prompts(51, n=2)
+    expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
+    env = {"FLEXKV_CPU_CACHE_GB": CPU_GB, "FLEXKV_REMOTE_STORE": url, "FLEXKV_REMOTE_TIMEOUT_S": "2"}
+    with EngineHost(tiny_model, {**ENGINE, "kv_transfer_config": COMPAT_CONFIG}, env=env) as host:
+        assert tokens(host.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+        state = host.flexkv_state()
+    assert state["mooncake"]["healthy"] is False and state["mooncake"]["started_degraded"] == 1, state
+    assert "unreachable" in state["mooncake"]["reason"]
+
+
+# -- a stalled store: frozen (SIGSTOP: sockets open, nothing answers) or slowed ---------------------
+
+TIMEOUT_S = 2  # the engines' remote_timeout_s (node_engine)
+MARGIN_S = 20  # generous: a correctness bound on a shared 2-core machine, not a speed claim
+
+
+def recompute_bound(reference, prompts) -> tuple[list[list[int]], float]:
+    """The reference tokens, and how long a request may take: the deadline plus its recompute."""
+    done = reference.generate(prompts, max_tokens=8, one_at_a_time=True)
+    return tokens(done), TIMEOUT_S + max(c.finish_s for c in done) + MARGIN_S
+
+
+def serves_again(host: EngineHost, rng: random.Random, reference) -> tuple[dict, list[list[int]], list[list[int]]]:
+    """After the store returned: the tier turns healthy, no CPU slot stays held and no work pending,
+    the index agrees with itself, and prompts written now are loaded back from the store. Returns
+    the state, those prompts and their tokens."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not ((state := host.flexkv_state())["mooncake"]["healthy"] and state["held_slots"] == 0):
+        assert time.monotonic() < deadline, f"the tier did not serve again after the store returned: {state}"
+        host.generate([random_prompt(rng, PROMPT_BLOCKS * BLOCK)], max_tokens=1)  # steps the engine
+    assert state["inflight"] == 0 and not state["accounting"]["problems"], state
+    prompts = make_prompts(rng.randrange(1 << 30))
+    expected = tokens(reference.generate(prompts, max_tokens=8, one_at_a_time=True))
+    hits = state["engine_stats"]["hit_blocks"].get("MOONCAKE", 0)
+    assert tokens(host.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+    push_out_of_gpu_cache(host, rng)
+    assert tokens(host.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected
+    state = host.flexkv_state()
+    assert state["engine_stats"]["hit_blocks"]["MOONCAKE"] - hits >= PROMPT_BLOCKS, state
+    return state, prompts, expected
+
+
+@pytest.mark.correctness("cluster store stalled or dead",
+                         "during traffic (master frozen, the node holding the values frozen, the link slowed): "
+                         "recompute within remote_timeout_s; tokens identical to an engine without the connector; "
+                         "no held slot or pending work once it returns, and the tier serves again")
+def test_a_stalled_store_during_traffic_is_recomputed_within_the_deadline_then_serves_again(tiny_model, cluster,
+                                                                                            reference):
+    network, services, _ = cluster
+    stalls = {  # name -> (stall, resume)
+        "master frozen": (services["mooncake-master"].freeze, services["mooncake-master"].thaw),
+        "segment node frozen": (services["mooncake-store"].freeze, services["mooncake-store"].thaw),
+        "link slowed": (lambda: network.slow(0, "200kbit"), lambda: network.unslow(0)),
+    }
+    rng = random.Random(61)
+    with node_engine(tiny_model, cluster, 0) as host:
+        for seed, (name, (stall, resume)) in enumerate(stalls.items(), start=62):
+            prompts = make_prompts(seed)
+            expected, bound = recompute_bound(reference, prompts)
+            assert tokens(host.generate(prompts, max_tokens=8, one_at_a_time=True)) == expected  # into the store
+            push_out_of_gpu_cache(host, rng)  # and out of the GPU and CPU tiers: a hit must come from the store
+            timeouts = host.flexkv_state()["mooncake"]["timeouts"]
+            stall()
+            try:
+                stalled = host.generate(prompts, max_tokens=8, one_at_a_time=True, timeout_s=DEADLINE_S)
+                during = host.flexkv_state()
+            finally:
+                resume()
+            assert tokens(stalled) == expected, name
+            assert max(c.finish_s for c in stalled) < bound, (name, [c.finish_s for c in stalled], bound)
+            assert during["mooncake"]["timeouts"] > timeouts and not during["mooncake"]["healthy"], (name, during)
+            serves_again(host, rng, reference)
+
+
+@pytest.mark.correctness("cluster store stalled or dead",
+                         "at an engine's start-up (master frozen; the link slowed): "
+                         "the engine starts in bounded time, degraded or slow; recompute within remote_timeout_s; "
+                         "tokens identical; serves from the store once it returns")
+def test_an_engine_started_while_the_store_stalls_serves_by_recompute_then_from_the_store(tiny_model, cluster,
+                                                                                          reference):
+    network, services, _ = cluster
+    master = services["mooncake-master"]
+    rng = random.Random(71)
+    prompts = make_prompts(72)
+    expected, bound = recompute_bound(reference, prompts)
+    master.freeze()
+    try:
+        started = time.monotonic()
+        with node_engine(tiny_model, cluster, 0) as host:
+            start_s = time.monotonic() - started
+            try:
+                stalled = host.generate(prompts, max_tokens=8, one_at_a_time=True, timeout_s=DEADLINE_S)
+                during = host.flexkv_state()
+            finally:
+                master.thaw()
+            assert start_s < DEADLINE_S and during["mooncake"]["started_degraded"] == 1, (start_s, during)
+            assert tokens(stalled) == expected and max(c.finish_s for c in stalled) < bound
+            _, written, expected = serves_again(host, rng, reference)  # these are in the store now
+    finally:
+        master.thaw()
+    network.slow(1, "200kbit")  # engine B starts on a slow link: its reads of what A wrote pass the deadline
+    try:
+        with node_engine(tiny_model, cluster, 1) as host:
+            slowed = host.generate(written, max_tokens=8, one_at_a_time=True, timeout_s=DEADLINE_S)
+            during = host.flexkv_state()
+            network.unslow(1)
+            assert tokens(slowed) == expected and max(c.finish_s for c in slowed) < bound, (slowed, bound)
+            assert during["mooncake"]["timeouts"] > 0, during
+            serves_again(host, rng, reference)
+    finally:
+        for ns, dev in ((network.nodes[1], "eth0"), (network.store, "p1")):
+            subprocess.run(network.run_in(ns, ["tc", "qdisc", "del", "dev", dev, "root"]), capture_output=True)

@@ -120,7 +120,7 @@ def test_the_password_is_never_shown_in_a_normal_run(scheme, request, tls, caplo
     try:
         tier.write(pool, [0], [0], [b"x" * 32]).result(timeout=TIMEOUT)
         tier.read(pool, [0], [1], [b"x" * 32]).result(timeout=TIMEOUT)
-        seen = [caplog.text, tier.url, tier._health.name, repr(tier.stats)]
+        seen = [caplog.text, tier.url, str(tier.degraded_reason), repr(tier.stats)]
     finally:
         tier.close()
     for text in seen:

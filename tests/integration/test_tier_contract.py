@@ -8,8 +8,10 @@ futures with timeouts, so a hang fails the test instead of blocking it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import redis
 import torch
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.devtools.processes import Deployment, free_port
+from dynamo_flexkv.devtools.processes import Deployment, Service, free_port
 from dynamo_flexkv.storage.backend import BACKENDS, IoResult, TierBackend, open_backend
 from tests.example_tier import MemoryTier
 from tests.servers import mooncake_master
@@ -38,6 +40,7 @@ class Tier:
     take_medium_away: Callable[[], None]  # the disk / server disappears
     # shared stores: another client of the same store, opened with these settings changed
     peer: Callable[..., TierBackend] | None = None
+    server: Service | None = None  # a cluster store's server process (frozen by the deadline tests)
 
 
 def mac_key_file(tmp_path, secret: bytes = b"the cluster's shared secret") -> str:
@@ -90,7 +93,7 @@ def open_redis(tmp_path, mac: bool = False) -> Iterator[Tier]:
             value = client.get(name)
             client.set(name, value[:-1] + bytes([value[-1] ^ 0xFF]))
 
-        yield Tier(tier, corrupt, lambda: server.stop(grace_s=5), peer_of("redis", settings))
+        yield Tier(tier, corrupt, lambda: server.stop(grace_s=5), peer_of("redis", settings), server)
 
 
 def peer_of(scheme: str, settings: FlexKVSettings) -> Callable[..., TierBackend]:
@@ -109,7 +112,8 @@ def open_mooncake(tmp_path, mac: bool = False) -> Iterator[Tier]:
             assert store.remove(name, True) == 0
             assert store.put(name, value[:-1] + bytes([value[-1] ^ 0xFF])) == 0
 
-        yield Tier(tier, corrupt, lambda: services["mooncake-master"].stop(grace_s=5), peer_of("mooncake", settings))
+        master = services["mooncake-master"]
+        yield Tier(tier, corrupt, lambda: master.stop(grace_s=5), peer_of("mooncake", settings), master)
 
 
 # "+mac": the same store with remote_mac_key_file set, so values carry a MAC instead of a checksum
@@ -196,6 +200,52 @@ def test_losing_the_medium_degrades_to_misses_without_raising(tier, pool):
     assert not b.healthy and b.degraded_reason
 
 
+@pytest.fixture(params=["mooncake", "redis"])
+def store_tier(request, tmp_path) -> Iterator[Tier]:
+    """A cluster store's tier, with its server process."""
+    opened = OPENERS[request.param](tmp_path)
+    t = next(opened)
+    yield t
+    t.backend.close()
+    next(opened, None)
+
+
+@pytest.mark.correctness("cluster store stalled or dead",
+                         "a store frozen under a tier call: "
+                         "every read, write and lookup answered as a miss by remote_timeout_s; serves again once it answers")
+def test_a_frozen_store_answers_every_call_by_its_deadline_and_serves_again_when_it_returns(store_tier, pool):
+    """The server stops answering (SIGSTOP: its sockets stay open): every call is answered as misses
+    by its deadline, the tier degrades, a read's slots are reported unsettled until its call returns;
+    after the server resumes the background probe brings the tier back."""
+    tier = store_tier
+    b, ks = tier.backend, keys(3, "frozen")
+    assert done(b.write(pool, [0, 1], [0, 1], ks[:2])).ok == [True, True]
+    bound = b.timeout_s + 1  # generous: the deadline plus the watchdog's wake-up
+    tier.server.freeze()
+    try:
+        started = time.monotonic()
+        read = b.read(pool, [0, 1], [8, 9], ks[:2])
+        lookup = b.lookup(ks)
+        assert read.result(timeout=bound).ok == [False, False]
+        assert lookup.result(timeout=bound) == [False] * 3
+        assert time.monotonic() - started < bound
+        # answered by the deadline, or by the client's own socket timeout (Redis: the same seconds)
+        assert not b.healthy and b.degraded_reason and b.stats.timeouts + b.stats.errors >= 1
+        assert done(b.write(pool, [2], [2], ks[2:])).ok == [False]  # degraded: fails fast
+    finally:
+        tier.server.thaw()
+    unsettled = read.result().unsettled
+    if unsettled is not None:  # the late call returns once the server answers again
+        unsettled.result(timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not b.healthy:
+        assert time.monotonic() < deadline, f"not serving again after the store returned: {b.degraded_reason}"
+        time.sleep(0.1)
+    assert done(b.write(pool, [2], [2], ks[2:])).ok == [True]
+    assert done(b.read(pool, [0, 2], [10, 11], [ks[0], ks[2]])).ok == [True, True]
+    assert torch.equal(pool[10], pool[0]) and torch.equal(pool[11], pool[2])
+
+
 def test_close_is_idempotent_and_later_io_misses(tier, pool):
     b, ks = tier.backend, keys(1)
     b.close()
@@ -254,15 +304,59 @@ UNREACHABLE = {"redis": "redis://127.0.0.1:{port}/0", "mooncake": "mooncake://12
 
 
 @pytest.mark.parametrize("scheme", sorted(UNREACHABLE))
-def test_an_unreachable_store_fails_at_start_up_in_one_line_or_starts_degraded(scheme):
+def test_an_unreachable_store_starts_degraded_by_default_or_fails_at_start_up_in_one_line(scheme, caplog):
     url = UNREACHABLE[scheme].format(port=free_port())
-    with pytest.raises(ConnectionError) as failed:
-        open_backend(scheme, LAYOUT, SLOT, FlexKVSettings(remote_store=url, remote_timeout_s=2))
-    assert url in str(failed.value) and "\n" not in str(failed.value)
-    settings = FlexKVSettings(remote_store=url, remote_timeout_s=2, remote_start_degraded=True)
-    tier = open_backend(scheme, LAYOUT, SLOT, settings)
+    tier = open_backend(scheme, LAYOUT, SLOT, FlexKVSettings(remote_store=url, remote_timeout_s=2))
     try:
-        assert not tier.healthy and "unreachable" in tier.degraded_reason
+        assert not tier.healthy and "unreachable" in tier.degraded_reason and tier.stats.started_degraded == 1
         assert tier.lookup([b"k" * 32]).result(timeout=TIMEOUT) == [False]
     finally:
         tier.close()
+    assert [r.levelname for r in caplog.records if "STARTING DEGRADED" in r.getMessage()] == ["WARNING"]
+    settings = FlexKVSettings(remote_store=url, remote_timeout_s=2, remote_start_degraded=False)
+    with pytest.raises(ConnectionError) as failed:
+        open_backend(scheme, LAYOUT, SLOT, settings)
+    assert url in str(failed.value) and "\n" not in str(failed.value)
+
+
+@contextlib.contextmanager
+def running_server(scheme: str, tmp_path) -> Iterator[tuple[Service, str]]:
+    """A cluster store's server on loopback: (its process, the remote_store URL)."""
+    if scheme == "mooncake":
+        with mooncake_master(tmp_path) as (services, url):
+            yield services["mooncake-master"], url
+        return
+    port = free_port()
+    with Deployment(tmp_path) as services:
+        server = services.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                                          "--save", "", "--appendonly", "no"])
+        services.wait_for(redis.Redis(port=port).ping, 10, "redis-server answering")
+        yield server, f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize("scheme", sorted(UNREACHABLE))
+@pytest.mark.correctness("cluster store stalled or dead",
+                         "a store frozen at start-up (accepts connections, never answers): "
+                         "the tier starts degraded within its connect deadline, one warning line; serves once it answers")
+def test_a_store_frozen_at_start_up_starts_degraded_in_bounded_time_then_serves(scheme, tmp_path, pool):
+    with running_server(scheme, tmp_path) as (server, url):
+        settings = FlexKVSettings(remote_store=url, remote_cache_gb=64 / 1024, remote_timeout_s=2)
+        server.freeze()
+        try:
+            started = time.monotonic()
+            tier = open_backend(scheme, LAYOUT, SLOT, settings)
+            opened_s = time.monotonic() - started
+        finally:
+            server.thaw()
+        try:
+            assert opened_s < type(tier).connect_timeout_s(settings) + 5, opened_s  # bounded, never minutes
+            assert tier.stats.started_degraded == 1 and tier.degraded_reason
+            deadline = time.monotonic() + TIMEOUT
+            while not tier.healthy:
+                assert time.monotonic() < deadline, f"not serving after the store answered: {tier.degraded_reason}"
+                time.sleep(0.1)
+            ks = keys(1, "thawed")
+            assert done(tier.write(pool, [0], [0], ks)).ok == [True]
+            assert done(tier.read(pool, [0], [8], ks)).ok == [True] and torch.equal(pool[8], pool[0])
+        finally:
+            tier.close()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dynamo_flexkv.config import FlexKVSettings
-from dynamo_flexkv.storage.backend import failed_io
+from dynamo_flexkv.storage.backend import IoResult, completed, failed_io
 from dynamo_flexkv.index import CacheEngine, Stored, TierIndex, make_policy
 from dynamo_flexkv.storage.cpu.pool import SHM_DIR
 from dynamo_flexkv.storage.layout import PoolGeometry
@@ -213,3 +213,82 @@ def test_a_spill_in_flight_at_a_reset_is_neither_committed_nor_found_after_it(st
     store(stack.engine, "s2", new)  # after the reset, the cascade works as before
     settle(stack)
     assert shared.match(new) == 2 and cluster.lookup(new).result() == [True, True]
+
+
+class CountingLookups:
+    """A shared tier's lookups, counted; `answer=False` leaves every question unanswered."""
+
+    def __init__(self, tier: MemoryTier, answer: bool = True):
+        self.asked: list[list[bytes]] = []
+        self._lookup, self._answer = tier.lookup, answer
+        tier.lookup = self
+
+    def __call__(self, keys):
+        self.asked.append(list(keys))
+        return self._lookup(keys) if self._answer else Future()
+
+
+def test_a_moving_boundary_never_restarts_the_lookup_clock(stacks):
+    """vLLM's own hit or other requests' saves move the request's un-hit boundary every step: the
+    request still waits at most `remote_timeout_s` in all for the store (it used to ask anew and
+    restart its clock at every move, and never time out while the boundary kept moving)."""
+    cluster = named("CLUSTER", num_slots=64)
+    CountingLookups(cluster, answer=False)
+    stack = stacks(cluster, timeout_s=0.05)
+    keys = chain("m", 8)  # the CPU tier's size
+    for moved in range(len(keys)):  # one more block held locally at every step, for 3x the budget
+        if (answer := stack.lookup("r", keys, None)) is not None:
+            break
+        store(stack.engine, f"s{moved}", keys[: moved + 1])
+        time.sleep(0.02)
+    assert answer is not None and answer < len(keys), "the request kept waiting while its boundary moved"
+
+
+def test_a_pending_question_covering_the_rest_is_not_asked_again(stacks):
+    """The boundary moves forward while the question is pending: its answer still covers the rest."""
+    cluster = named("CLUSTER", num_slots=64)
+    writer = stacks(cluster)
+    keys = chain("q", 4)
+    store(writer.engine, "w", keys)
+    settle(writer)
+    counted = CountingLookups(cluster)
+    reader = stacks(cluster)
+    assert reader.lookup("r", keys, None) is None
+    store(reader.engine, "local", keys[:1])  # the boundary moves before the answer was looked at
+    assert until(lambda: reader.lookup("r", keys, None), "the store's answer") == 4
+    assert counted.asked == [keys]
+
+
+def test_requests_sharing_a_prefix_share_one_question(stacks):
+    cluster = named("CLUSTER", num_slots=64)
+    counted = CountingLookups(cluster, answer=False)
+    stack = stacks(cluster)
+    keys = chain("s", 4)
+    assert stack.lookup("a", keys, None) is None
+    assert stack.lookup("b", keys[:3], None) is None  # a prefix of what "a" asked
+    assert counted.asked == [keys]
+
+
+def test_a_slot_a_late_read_may_still_write_is_not_reused_until_the_read_returned(stacks):
+    """A staging read answered at its deadline while its call still runs: the request recomputes at
+    once, but the CPU slot the call may still write stays out of use until the call returned."""
+    cluster = named("CLUSTER")
+    writer, reader = stacks(cluster), stacks(cluster)
+    keys = chain("l", 2)
+    store(writer.engine, "w", keys)
+    settle(writer)
+    assert until(lambda: reader.lookup("r", keys, None), "the store's answer") == 2
+    returned: Future = Future()
+    cluster.read = lambda pool, addrs, slots, keys: completed(IoResult([False] * len(keys), 0, unsettled=returned))
+    plan = reader.engine.prepare_load("r", keys)
+    reader.stage(plan)
+    assert until(lambda: reader.advance(), "the staging answer") == [("r", 0)]
+    reader.engine.complete_load("r", success=True)
+    cpu = reader.engine.tiers[0]
+    held = set(plan.slots)
+    assert reader.num_held == 2 and reader.num_pending == 0 and cpu.num_used == 2
+    store(reader.engine, "other", chain("o", cpu.num_slots))  # fills every other slot, never a held one
+    assert not held & {cpu.slot_of(k) for k in chain("o", cpu.num_slots) if cpu.contains(k)}
+    returned.set_result(None)
+    reader.advance()
+    assert reader.num_held == 0 and not any(cpu.contains(k) for k in keys)

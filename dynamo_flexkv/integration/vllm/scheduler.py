@@ -86,6 +86,7 @@ class SchedulerSide:
         self.preemptions = 0  # preempted requests seen, since start
         self._reported = self.engine.snapshot()
         self._reported_io = self._tier_io()
+        self._reported_health: dict[str, int] = {}  # tier -> healthy, as last reported
         self._stats = FlexKVStats()  # lookups and allocation failures since the last take_stats
         # request id -> (first block index of the hit, its locked plan), awaiting allocation
         self._matched: dict[str, tuple[int, LoadPlan]] = {}
@@ -429,10 +430,10 @@ class SchedulerSide:
                     len(self._loading), stale)
         return True
 
-    def _tier_io(self) -> dict[str, tuple[int, int]]:
-        """Bytes each lower tier's backend has read and written so far."""
-        return {b.name: (getattr(b.stats, "bytes_read", 0), getattr(b.stats, "bytes_written", 0))
-                for b in self.tiers.backends}
+    def _tier_io(self) -> dict[str, tuple[int, int, int]]:
+        """Bytes each lower tier's backend has read and written so far, and its calls that timed out."""
+        return {b.name: (getattr(b.stats, "bytes_read", 0), getattr(b.stats, "bytes_written", 0),
+                         getattr(b.stats, "timeouts", 0)) for b in self.tiers.backends}
 
     def take_stats(self) -> FlexKVStats | None:
         """Lookups, hits, stores, evictions and lower-tier I/O since the last call, and the blocks
@@ -452,12 +453,18 @@ class SchedulerSide:
                     changed = True
             if held != before.blocks_held[tier] or changed:
                 stats.data[f"held_blocks:{tier}"] = held
-        for tier, (read, written) in io_now.items():
-            was_read, was_written = io_before.get(tier, (0, 0))
+        for tier, (read, written, timeouts) in io_now.items():
+            was_read, was_written, timed_out = io_before.get(tier, (0, 0, 0))
             if read > was_read:
                 stats.add(f"tier_read_bytes:{tier}", read - was_read)
             if written > was_written:
                 stats.add(f"tier_written_bytes:{tier}", written - was_written)
+            if timeouts > timed_out:
+                stats.add(f"tier_timeouts:{tier}", timeouts - timed_out)
+        for backend in self.tiers.backends:  # reported at the first interval, then when it changes
+            healthy = int(backend.healthy)
+            if self._reported_health.get(backend.name) != healthy:
+                self._reported_health[backend.name] = stats.data[f"tier_healthy:{backend.name}"] = healthy
         return None if stats.is_empty() else stats
 
     @property

@@ -55,6 +55,11 @@ METRICS = {
     "tier_written_bytes": MetricSpec("vllm:flexkv_tier_written_bytes", "Bytes written to a lower tier."),
     "failed_loads": MetricSpec("vllm:flexkv_failed_loads", "Loads that failed and were recomputed."),
     "failed_saves": MetricSpec("vllm:flexkv_failed_saves", "Saves that failed and were dropped."),
+    "tier_healthy": MetricSpec("vllm:flexkv_tier_healthy", "1 while a lower tier serves, 0 while it is degraded and "
+                               "answers misses (a cluster store unreachable at start-up or past remote_timeout_s, "
+                               "a failed disk).", GAUGE),
+    "tier_timeouts": MetricSpec("vllm:flexkv_tier_timeouts", "Lower-tier calls answered as misses at their deadline "
+                                "(remote_timeout_s): their requests recomputed."),
 }
 
 # our stats key -> the vLLM native offloading metric it stands in for (docs/dynamo.md lists both)

@@ -1,4 +1,4 @@
-"""What every keyed, shared tier needs: value framing with a checksum or MAC, key namespacing, health.
+"""What every keyed, shared tier needs: value framing with a checksum or MAC, key namespacing, statistics.
 
 A value is a fixed-size header followed by the block's bytes (one CPU-pool slot). The header names
 the layout namespace and the block key and carries the xxh3-64 of the bytes, so a read verifies
@@ -15,10 +15,7 @@ read after it.
 from __future__ import annotations
 
 import json
-import logging
 import struct
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +25,6 @@ import xxhash
 
 from dynamo_flexkv.storage.backend import TierIOStats
 from dynamo_flexkv.storage.remote.integrity import TAG_BYTES, ValueMac
-
-logger = logging.getLogger(__name__)
 
 HEADER_BYTES = 128
 MAX_KEY_BYTES = 64
@@ -53,6 +48,8 @@ def view_blocks(capacity_bytes: int, slot_bytes: int) -> int:
 class RemoteStats(TierIOStats):
     lookups: int = 0
     errors: int = 0  # failed calls to the store
+    timeouts: int = 0  # calls answered as misses at their deadline (remote_timeout_s)
+    started_degraded: int = 0  # 1: the store was unreachable when the tier started
 
 
 class Framing:
@@ -100,57 +97,3 @@ class Framing:
             return xxhash.xxh3_64_intdigest(data) == checksum
         return self._mac.matches(header[_TAGGED:], header[:_TAGGED], data)
 
-
-class Health:
-    """Degrade on a failed call, fail fast while degraded, let one call through every `retry_s`."""
-
-    def __init__(self, name: str, retry_s: float):
-        self.name = name
-        self.retry_s = retry_s
-        self.healthy = True
-        self.reason: str | None = None
-        self._next_try = 0.0
-        self._lock = threading.Lock()
-
-    def may_try(self) -> bool:
-        with self._lock:
-            if self.healthy:
-                return True
-            now = time.monotonic()
-            if now < self._next_try:
-                return False
-            self._next_try = now + self.retry_s  # this caller probes; the others keep failing fast
-            return True
-
-    def failed(self, reason: str) -> None:
-        with self._lock:
-            news = self.healthy
-            self.healthy, self.reason = False, reason
-            self._next_try = time.monotonic() + self.retry_s
-        if news:
-            logger.error("tier %s: degraded, answering misses, retrying every %.1fs: %s",
-                         self.name, self.retry_s, reason)
-
-    def succeeded(self) -> None:
-        with self._lock:
-            news = not self.healthy
-            self.healthy, self.reason = True, None
-        if news:
-            logger.warning("tier %s: recovered", self.name)
-
-
-class RemoteTierBase:
-    """What every shared (cluster) backend answers the same way: health from its `_health`
-    (a `Health`), and always writable (a write to an unreachable store fails fast as a miss)."""
-
-    shared = True
-    writable = True
-    _health: Health
-
-    @property
-    def healthy(self) -> bool:
-        return self._health.healthy
-
-    @property
-    def degraded_reason(self) -> str | None:
-        return self._health.reason
