@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from dynamo_flexkv.logs import redact_url
 from dynamo_flexkv.storage.remote.base import RemoteTier
@@ -69,9 +71,12 @@ class RedisTier(RemoteTier):
         tls = dict(ssl=True, ssl_cert_reqs="required", ssl_check_hostname=True,
                    ssl_ca_certs=settings.remote_tls_ca_file, ssl_certfile=settings.remote_tls_cert_file,
                    ssl_keyfile=settings.remote_tls_key_file)
+        # One attempt per call: redis-py's default retries with backoff would outlast the call's
+        # deadline; the template probes a store that failed (base.py).
         self._client = redis.Redis(host=address.host, port=address.port, db=address.db, username=address.username,
                                    password=address.password, socket_timeout=timeout,
-                                   socket_connect_timeout=timeout, **(tls if address.tls else {}))
+                                   socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                                   **(tls if address.tls else {}))
 
     @classmethod
     def parse_url(cls, url: str) -> RedisAddress:
