@@ -108,7 +108,8 @@ class Recovery:
                 try:
                     error = self._bounded(self.resume)
                 except GiveUp as exc:
-                    logger.error("%s: not recovering: %s", self._store.name, exc)
+                    if not (self._stopped or self._store._closed):  # closing is no failure to report
+                        logger.error("%s: not recovering: %s", self._store.name, exc)
                     return
                 if error is None:
                     logger.warning("%s: recovered after %.1f s (%d probes): serving again",
