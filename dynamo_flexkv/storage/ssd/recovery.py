@@ -75,7 +75,7 @@ class Recovery:
         self._cv = threading.Condition()
         self._degraded = False
         self._stopped = False
-        self._helper: threading.Thread | None = None  # the last probe; may be stuck in the kernel
+        self.helper: threading.Thread | None = None  # the last probe; may be stuck in the kernel
         self.thread = threading.Thread(target=self._run, name="flexkv-ssd-recovery", daemon=True)
         self.thread.start()
 
@@ -85,11 +85,12 @@ class Recovery:
             self._degraded = True
             self._cv.notify()
 
-    def stop(self, timeout_s: float) -> None:
+    def stop(self) -> None:
+        """No probe starts after this; one in progress may go on (the store then closes its files only
+        once `helper` returned: it may be writing to them)."""
         with self._cv:
             self._stopped = True
             self._cv.notify()
-        self.thread.join(timeout_s)
 
     def _run(self) -> None:
         while True:
@@ -149,7 +150,7 @@ class Recovery:
     def _bounded(self, attempt: Callable[[], None]) -> str | None:
         """Run `attempt` on a helper thread for at most the store's I/O timeout: None on success,
         else why not. Raises GiveUp from `attempt`."""
-        if self._helper is not None and self._helper.is_alive():
+        if self.helper is not None and self.helper.is_alive():
             return "the previous probe is still blocked in the kernel"
         outcome: list[BaseException | None] = []
 
@@ -160,9 +161,12 @@ class Recovery:
             except BaseException as exc:  # noqa: BLE001 - reported to the prober
                 outcome.append(exc)
 
-        self._helper = threading.Thread(target=run, name="flexkv-ssd-probe", daemon=True)
-        self._helper.start()
-        self._helper.join(self._store.io_timeout_s)
+        with self._cv:  # started under the lock: `stop` then either prevents it or sees it
+            if self._stopped:
+                raise GiveUp("the store is closing")
+            self.helper = threading.Thread(target=run, name="flexkv-ssd-probe", daemon=True)
+            self.helper.start()
+        self.helper.join(self._store.io_timeout_s)
         if not outcome:
             return f"probe did not complete within {self._store.io_timeout_s:g} s"
         if isinstance(outcome[0], GiveUp):

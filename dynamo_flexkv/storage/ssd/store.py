@@ -398,7 +398,7 @@ class SsdBlockStore:
 
     def close(self) -> None:
         """Wait for in-flight batches, persist metadata, release files and threads. Idempotent.
-        Bounded: a stuck disk costs at most about two `io_timeout_s`, then its threads are left."""
+        Bounded: a stuck disk costs a few `io_timeout_s` at most, then its threads are left."""
         with self._lock:
             if self._closed:
                 return
@@ -406,26 +406,32 @@ class SsdBlockStore:
             # The watchdog finalizes every batch within io_timeout_s; the margin covers its wake-up.
             self._idle.wait_for(lambda: self._inflight == 0, timeout=self.io_timeout_s + 1)
             self._watch.notify_all()
+        probe = None
         if self._recovery is not None:
-            self._recovery.stop(self.io_timeout_s)
+            self._recovery.stop()
+            probe = self._recovery.helper
+            if probe is not None:
+                probe.join(self.io_timeout_s)  # it may be flushing records: let it finish first
         self._engine.close(self.io_timeout_s)
         self._records.stop(self.io_timeout_s)
         self._watchdog.join(self.io_timeout_s)
         persist = threading.Thread(target=self._persist, name="flexkv-ssd-close", daemon=True)
         persist.start()
         persist.join(self.io_timeout_s)
-        if persist.is_alive() or self._records.thread.is_alive():
+        if persist.is_alive() or self._records.thread.is_alive() or (probe is not None and probe.is_alive()):
             self._degrade(f"metadata could not be persisted within {self.io_timeout_s:g} s at close",
                           disable=True)
             # A thread is stuck in a syscall on these fds: close them once it returns, if ever.
-            threading.Thread(target=self._close_files_after, args=(persist,), daemon=True,
+            threading.Thread(target=self._close_files_after, args=(persist, probe), daemon=True,
                              name="flexkv-ssd-close-later").start()
             return
         self._close_files()
 
-    def _close_files_after(self, persist: threading.Thread) -> None:
+    def _close_files_after(self, persist: threading.Thread, probe: threading.Thread | None) -> None:
         persist.join()
         self._records.thread.join()
+        if probe is not None:
+            probe.join()
         self._close_files()
 
     def _persist(self) -> None:
