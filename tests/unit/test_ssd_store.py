@@ -542,3 +542,4 @@ def test_a_disk_that_recovers_brings_the_tier_back(dirs, make_pool, engine, capl
     with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT) as st:  # what a restart finds matches what was served
         assert sorted(k for k, _ in st.recover()) == keys_for([2, 3, 4, 5])
     assert any("recovered after" in r.getMessage() for r in caplog.records)
+    assert not [p for d in dirs for p in os.listdir(d) if p.endswith(".probe")]  # probes leave nothing

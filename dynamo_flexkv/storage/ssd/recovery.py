@@ -64,6 +64,7 @@ def probe_directory(path: str, inject: Callable[[IoOp], None] | None) -> None:
                 raise OSError(errno.EIO, "probe page read back differs from what was written", path)
         finally:
             os.close(fd)
+            os.unlink(path)  # leave nothing behind in the cache directory
     finally:
         buf.close()
 
