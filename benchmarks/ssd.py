@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynamo_flexkv.storage.ssd.store import SsdBlockStore  # noqa: E402
-from dynamo_flexkv.storage.ssd.engines import uring_available  # noqa: E402
+from dynamo_flexkv.storage.ssd.engines import DEFAULT_ENGINE, uring_available  # noqa: E402
 
 GB = 1e9
 # write: first write of every slot into a freshly preallocated file (fio: a fresh file);
@@ -132,7 +132,7 @@ def main() -> None:
         if not ok:
             log(f"skipping uring engine: {why}")
             engines.remove("uring")
-    log(f"dir={directory} cpus={os.cpu_count()} qd={args.queue_depth} io_threads={args.io_threads} "
+    log(f"load average {os.getloadavg()[0]:.1f}; dir={directory} cpus={os.cpu_count()} qd={args.queue_depth} io_threads={args.io_threads} "
         f"total={args.total_mib} MiB engines={engines} patterns={args.pattern} rounds={args.rounds}")
     rows = []
     try:
@@ -192,7 +192,10 @@ def main() -> None:
     print()
     print(f"SSD tier vs fio, same dir (O_DIRECT, qd={args.queue_depth}, {args.total_mib} MiB per pass, "
           f"median of {args.rounds}, {os.cpu_count()} CPUs, io_threads={args.io_threads}, "
-          f"batch={args.batch_blocks} blocks, checksums on)")
+          f"batch={args.batch_blocks} blocks, checksums on, load average {os.getloadavg()[0]:.1f} at the end)")
+    # The thread engine keeps one request in flight per thread: say what each engine really reached.
+    print(f"default engine (ssd_io_engine=auto): {DEFAULT_ENGINE}; requests in flight: fio {args.queue_depth}, "
+          f"threads {min(args.io_threads, args.queue_depth)}, uring {args.queue_depth}")
     print(f"{'block':>7} {'pattern':>7} {'engine':>7} {'pass':>7} | {'fio GB/s':>8} {'store GB/s':>10} "
           f"{'ratio':>5} | {'fio min-max':>11} {'store min-max':>13}")
     for kib, pattern, eng, direction, f, m, ratio, f0, f1, m0, m1 in rows:

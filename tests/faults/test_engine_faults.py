@@ -12,6 +12,7 @@ without any connector, within a bounded time; afterwards the index agrees with w
 | `disk_full` | the SSD directory on a small tmpfs that cannot hold the tier |
 | `flipped_bytes` | flipped bytes in every SSD block, under MultiConnector (vLLM's "fail" policy otherwise) |
 | `hung_disk` | the SSD on a FUSE disk whose reads and writes block (tests/faults/blockfs.py) |
+| `disk_recovers` | the same disk hangs, then answers again: the tier comes back by itself |
 | `small_dev_shm` | a 64 MiB /dev/shm (Docker's default) in a private mount namespace |
 | `pool_race` | two instances given the same pool name (FLEXKV_SERVER_RECV_PORT) |
 
@@ -233,6 +234,32 @@ def test_hung_disk_degrades_to_recompute_in_bounded_time(tiny_model, reference, 
         finally:
             host.close()
             disk.set("ok")
+
+
+def test_a_hung_disk_that_recovers_brings_the_ssd_tier_back(tiny_model, reference, prompts, expected, tmp_path,
+                                                            clean_shm):
+    with mounted(tmp_path / "fuse") as disk, engine(tiny_model, [disk.mountpoint]) as host:
+        serve_bounded(host, prompts, expected)
+        push_out_of_gpu_cache(host, random.Random(3))
+        disk.set("hang")
+        serve_bounded(host, prompts, expected)
+        assert host.flexkv_state()["ssd"]["healthy"] is False
+        disk.set("ok")
+        deadline = time.monotonic() + REQUEST_BOUND_S
+        while not (state := host.flexkv_state())["ssd"]["healthy"]:  # recovery probes in the background
+            assert time.monotonic() < deadline, state["ssd"]["reason"]
+            time.sleep(0.2)
+        assert state["ssd"]["recoveries"] == 1
+        # Served again: new blocks spill to the SSD and are loaded back from it, tokens identical.
+        rng = random.Random(5)
+        fresh = [random_prompt(rng, PROMPT_BLOCKS * BLOCK + 7) for _ in range(3)]
+        fresh_expected = [c.token_ids for c in reference.generate(fresh, max_tokens=8, one_at_a_time=True)]
+        serve_bounded(host, fresh, fresh_expected)
+        push_out_of_gpu_cache(host, random.Random(6))
+        read_before = host.flexkv_state()["ssd"]["blocks_read"]
+        serve_bounded(host, fresh + prompts, fresh_expected + expected)
+        state = assert_accounting(host)
+        assert state["ssd"]["healthy"] and state["ssd"]["blocks_read"] > read_before
 
 
 SMALL_SHM_ENGINE = """

@@ -106,3 +106,31 @@ def test_flipped_bytes_are_a_miss_and_never_reach_the_pool(disk, pool):
         assert bool((pool[4] == 0x5A).all()) and torch.equal(pool[5], pool[1])
         disk.set("ok")  # the corrupt block stays a miss; the other one is still served
         assert st.read_blocks(pool, range(2), range(4, 6), keys(range(2))).result(SLACK_S).ok == [False, True]
+
+
+@pytest.mark.parametrize("fault", ["hang", "eio"])
+def test_a_disk_that_recovers_brings_the_tier_back_by_itself(disk, pool, fault):
+    st = SsdBlockStore([str(disk.mountpoint)], 8 * SLOT, SLOT, IDENT, io_threads=2,
+                       io_timeout_s=IO_TIMEOUT_S, probe_interval_s=0.1)
+    try:
+        before = pool[:4].clone()
+        assert st.write_blocks(pool, range(4), range(4), keys(range(4))).result(SLACK_S).ok == [True] * 4
+        disk.set(fault)
+        result = st.read_blocks(pool, [0, 1], [4, 5], keys([0, 1])).result(IO_TIMEOUT_S + SLACK_S)
+        assert result.ok == [False, False] and not st.healthy
+        disk.set("ok")
+        assert wait_until(lambda: st.healthy, 2 * IO_TIMEOUT_S + SLACK_S), st.degraded_reason
+        assert st.writable and st.stats.recoveries == 1
+        # Blocks from before the fault: the ones whose read failed are dropped, the rest verified-good.
+        assert sorted(k for k, _ in st.recover()) == keys([2, 3])
+        pool[4:].fill_(0x5A)
+        result = st.read_blocks(pool, range(4), range(4, 8), keys(range(4))).result(SLACK_S)
+        assert result.ok == [False, False, True, True]
+        assert bool((pool[4:6] == 0x5A).all()) and torch.equal(pool[6:8], before[2:4])
+        # Blocks written after the recovery read back bit-exact.
+        pool[:4].copy_(torch.randint(0, 256, (4, SLOT), dtype=torch.uint8))
+        assert st.write_blocks(pool, range(4), range(4, 8), keys(range(4, 8))).result(SLACK_S).ok == [True] * 4
+        assert st.read_blocks(pool, range(4, 8), range(4, 8), keys(range(4, 8))).result(SLACK_S).ok == [True] * 4
+        assert torch.equal(pool[4:8], pool[:4])
+    finally:
+        st.close()

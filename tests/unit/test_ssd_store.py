@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -257,9 +258,13 @@ def _inject(kind: str, err: int, after_ops: int = 0):
     calls = {"read": 0, "write": 0}
 
     def inject(op: ssd_io.IoOp) -> None:
+        k = "write" if op.write else "read"
+        if op.path.endswith(".probe"):  # recovery's probes fail while the fault lasts, uncounted
+            if k == kind and calls[k] > after_ops:
+                raise OSError(err, os.strerror(err), op.path)
+            return
         if op.offset < DATA_OFF:
             return  # metadata flushes run on their own thread: leave them out of the count
-        k = "write" if op.write else "read"
         calls[k] += 1
         if k == kind and calls[k] > after_ops:
             raise OSError(err, os.strerror(err), op.path)
@@ -490,3 +495,51 @@ def test_parents_and_tokens_survive_a_restart(dirs, make_pool):
         assert st.recover() == [(a, 3), (b, 0), (c, 5)]
     with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT, tokens_per_block=16) as st:
         assert st.recover() == []  # another record layout: the tier is wiped, never misread
+
+
+def wait_for(predicate, timeout_s: float = TIMEOUT) -> bool:
+    """Poll `predicate` (recovery runs on its own thread and has no future to wait on)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_disk_that_recovers_brings_the_tier_back(dirs, make_pool, engine, caplog):
+    failing = threading.Event()
+    probes = []
+
+    def inject(op):
+        if op.path.endswith(".probe"):
+            probes.append(op.path)
+        if failing.is_set() and (op.offset >= DATA_OFF or op.path.endswith(".probe")):
+            raise OSError(errno.EIO, "injected", op.path)
+
+    pool = make_pool(12)
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT, engine=engine, probe_interval_s=0.05,
+                       _fault_injector=inject) as st:
+        ok_all(st.write_blocks(pool, range(4), range(4), keys_for(range(4))))
+        failing.set()
+        assert st.read_blocks(pool, [0, 1], [8, 9], keys_for([0, 1])).result(TIMEOUT).ok == [False, False]
+        assert not st.healthy and not st.writable
+        assert wait_for(lambda: len(probes) >= 2)  # probing, and failing while the disk fails
+        assert not st.healthy and st.write_blocks(pool, [4], [4], [b"x"]).result(TIMEOUT).ok == [False]
+        failing.clear()
+        assert wait_for(lambda: st.healthy)
+        assert st.writable and st.degraded_reason is None and st.stats.recoveries == 1
+        # Blocks whose read failed were dropped; the others are still served, verified.
+        assert [k for k, _ in st.recover()] == keys_for([2, 3])
+        res = st.read_blocks(pool, range(4), range(8, 12), keys_for(range(4))).result(TIMEOUT)
+        assert res.ok == [False, False, True, True]
+        assert torch.equal(pool[10:12], pool[2:4])
+        # New writes land and read back bit-exact.
+        ok_all(st.write_blocks(pool, [4, 5], [4, 5], keys_for([4, 5])))
+        ok_all(st.read_blocks(pool, [4, 5], [8, 9], keys_for([4, 5])))
+        assert torch.equal(pool[8:10], pool[4:6])
+    with SsdBlockStore(dirs, 8 * SLOT, SLOT, IDENT) as st:  # what a restart finds matches what was served
+        assert sorted(k for k, _ in st.recover()) == keys_for([2, 3, 4, 5])
+    assert any("recovered after" in r.getMessage() for r in caplog.records)
+    assert not [p for d in dirs for p in os.listdir(d) if p.endswith(".probe")]  # probes leave nothing

@@ -548,6 +548,30 @@ class SsdFile:
                     self.dirty.update(pages)
                 raise
 
+    def revalidate(self) -> int:
+        """After a fault: raise RuntimeError unless this is still our file with our header (OSError
+        if the disk fails again); mark dirty
+        every metadata page the disk does not hold as last written (the next flush rewrites it from
+        memory, which is what this process serves). Returns how many such pages there were."""
+        if self.removed():
+            raise RuntimeError(f"{self.path} (or its directory) was removed or replaced")
+        why = _header_mismatch(self._pread(HEADER_BYTES, 0), self._header)
+        if why is not None:
+            raise RuntimeError(f"{self.path}: header changed during the fault: {why}")
+        disk = aligned_buffer(len(self.meta_view))
+        try:
+            with memoryview(disk) as whole, whole[:len(self.meta_view)] as view:
+                self._pread_into(view, HEADER_BYTES)
+                with self._lock:
+                    differ = np.frombuffer(view, np.uint8).reshape(-1, ALIGN) != \
+                        np.frombuffer(self.meta_view, np.uint8).reshape(-1, ALIGN)
+                    stale = set(np.nonzero(differ.any(axis=1))[0].tolist()) - self.dirty
+                    self.dirty |= stale
+                    del differ
+        finally:
+            disk.close()
+        return len(stale)
+
     def removed(self) -> bool:
         """True when the file (or its directory) was deleted or replaced under us."""
         try:

@@ -56,6 +56,7 @@ from dynamo_flexkv.storage.ssd.batches import (
     max_run_blocks,
     plan_ops,
 )
+from dynamo_flexkv.storage.ssd.recovery import GiveUp, Recovery
 from dynamo_flexkv.storage.ssd.seats import canonical_identity, reclaim_dead_files
 from dynamo_flexkv.storage.ssd.engines import (
     ALIGN,
@@ -77,6 +78,7 @@ DEFAULT_IO_TIMEOUT_S = 20.0
 @dataclass
 class SsdStats(TierIOStats):
     io_errors: int = 0  # failed syscalls (ops, not blocks)
+    recoveries: int = 0  # times the tier came back by itself after a fault
 
 
 class SsdBlockStore:
@@ -99,6 +101,7 @@ class SsdBlockStore:
         engine: str = "auto",
         io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
         tokens_per_block: int = 0,
+        probe_interval_s: float = 1.0,
         _fault_injector: FaultInjector | None = None,
     ):
         if not dirs:
@@ -132,6 +135,8 @@ class SsdBlockStore:
         self._next_batch = 1
         self._seq = 1
         self._logged_corrupt: set[int] = set()
+        self._faults = 0  # degradations so far: a re-validation that saw a new one does not resume
+        self._recovery: Recovery | None = None
         self._inject = _fault_injector
         n = len(dirs)
         self._n = n
@@ -174,6 +179,10 @@ class SsdBlockStore:
         self._scratch = ScratchBuffers(max_run_blocks(slot_bytes) * slot_bytes)
         self._watchdog = threading.Thread(target=self._watch_batches, name="flexkv-ssd-watchdog", daemon=True)
         self._watchdog.start()
+        if self._files:  # a store that could not open its files at start-up stays off
+            self._recovery = Recovery(self, probe_interval_s)
+            if self._disabled:
+                self._recovery.wake()
         n_valid = sum(k is not None for k in self._keys)
         logger.info("%s: %d slots x %d bytes in %s (%s engine, O_DIRECT %s), %d blocks recovered",
                     self.name, self.num_slots, slot_bytes, [str(f.path) for f in self._files],
@@ -245,6 +254,10 @@ class SsdBlockStore:
                 self._disabled = True
             if self.degraded_reason is None or disable:
                 self.degraded_reason = reason
+            self._faults += 1
+            recovery = None if self._closed else self._recovery
+        if recovery is not None:
+            recovery.wake()
         if news:
             logger.error("%s: %s: %s", self.name,
                          "disabled" if disable else "degraded, no more writes", reason)
@@ -260,6 +273,22 @@ class SsdBlockStore:
                                                           errno.ENXIO, errno.EBADF)
         self._degrade(what, disable=gone)
         return what
+
+    def lift_degradation(self, faults_seen: int) -> None:
+        """Serve again (`Recovery` re-validated the files): unless a fault came after `faults_seen`."""
+        with self._lock:
+            if self._closed:
+                raise GiveUp("the store is closing")
+            if self._faults != faults_seen:
+                raise OSError(errno.EIO, "another fault during re-validation")
+            self.healthy = self._writable = True
+            self._disabled = False
+            self.degraded_reason = None
+            self.stats.recoveries += 1
+
+    @property
+    def faults(self) -> int:
+        return self._faults
 
     @property
     def writable(self) -> bool:
@@ -369,7 +398,7 @@ class SsdBlockStore:
 
     def close(self) -> None:
         """Wait for in-flight batches, persist metadata, release files and threads. Idempotent.
-        Bounded: a stuck disk costs at most about two `io_timeout_s`, then its threads are left."""
+        Bounded: a stuck disk costs a few `io_timeout_s` at most, then its threads are left."""
         with self._lock:
             if self._closed:
                 return
@@ -377,24 +406,32 @@ class SsdBlockStore:
             # The watchdog finalizes every batch within io_timeout_s; the margin covers its wake-up.
             self._idle.wait_for(lambda: self._inflight == 0, timeout=self.io_timeout_s + 1)
             self._watch.notify_all()
+        probe = None
+        if self._recovery is not None:
+            self._recovery.stop()
+            probe = self._recovery.helper
+            if probe is not None:
+                probe.join(self.io_timeout_s)  # it may be flushing records: let it finish first
         self._engine.close(self.io_timeout_s)
         self._records.stop(self.io_timeout_s)
         self._watchdog.join(self.io_timeout_s)
         persist = threading.Thread(target=self._persist, name="flexkv-ssd-close", daemon=True)
         persist.start()
         persist.join(self.io_timeout_s)
-        if persist.is_alive() or self._records.thread.is_alive():
+        if persist.is_alive() or self._records.thread.is_alive() or (probe is not None and probe.is_alive()):
             self._degrade(f"metadata could not be persisted within {self.io_timeout_s:g} s at close",
                           disable=True)
             # A thread is stuck in a syscall on these fds: close them once it returns, if ever.
-            threading.Thread(target=self._close_files_after, args=(persist,), daemon=True,
+            threading.Thread(target=self._close_files_after, args=(persist, probe), daemon=True,
                              name="flexkv-ssd-close-later").start()
             return
         self._close_files()
 
-    def _close_files_after(self, persist: threading.Thread) -> None:
+    def _close_files_after(self, persist: threading.Thread, probe: threading.Thread | None) -> None:
         persist.join()
         self._records.thread.join()
+        if probe is not None:
+            probe.join()
         self._close_files()
 
     def _persist(self) -> None:
@@ -543,6 +580,8 @@ class SsdBlockStore:
         n_ok = sum(batch.ok)
         n_bad = len(batch.ok) - n_ok
         with self._lock:
+            if batch.errors and not batch.write:
+                self._drop_unread(batch)
             st = self.stats
             if batch.write:
                 st.blocks_written += n_ok
@@ -562,6 +601,15 @@ class SsdBlockStore:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.notify_all()
+
+    def _drop_unread(self, batch: Batch) -> None:
+        """A block the disk failed (or hung) to read may be damaged: forget it (the caller's index
+        drops it too, as for every failed read). Holds the lock."""
+        for i, s in enumerate(batch.ssd_slots):
+            if not batch.ok[i] and self._keys[s] == batch.keys[i] and self._gens[s] == batch.gens[i]:
+                self._keys[s] = None
+                self._gens[s] += 1
+                self._set_record(s, None)
 
     def _commit_write(self, batch: Batch) -> None:
         """Data is on disk: publish the records in memory; the flusher persists them."""
