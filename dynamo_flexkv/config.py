@@ -228,7 +228,8 @@ class FlexKVSettings(BaseModel):
         le=3600,
         allow_inf_nan=False,
         description="Longest an SSD read or write batch may take. A batch still pending then fails "
-        "(its blocks are recomputed) and the SSD tier is disabled: the disk is stuck.",
+        "(its blocks are recomputed) and the SSD tier stops serving until a background probe finds the "
+        "disk answering again.",
         json_schema_extra={"x-allowed": "a number of seconds > 0 and <= 3600"},
     )
     remote_store: Optional[str] = Field(

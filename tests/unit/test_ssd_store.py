@@ -21,8 +21,10 @@ import pytest
 import torch
 
 from dynamo_flexkv.storage.ssd import engines as ssd_io
+from dynamo_flexkv.storage.ssd import file_format
 from dynamo_flexkv.storage.ssd.store import IoResult, SsdBlockStore
-from dynamo_flexkv.storage.ssd.engines import ALIGN, HEADER_BYTES, RECORD_BYTES, uring_available
+from dynamo_flexkv.storage.ssd.engines import uring_available
+from dynamo_flexkv.storage.ssd.file_format import ALIGN, HEADER_BYTES, RECORD_BYTES
 
 SLOT = 16 * 1024
 TIMEOUT = 30
@@ -194,7 +196,7 @@ def test_layout_or_identity_mismatch_wipes_the_tier(dirs, make_pool, monkeypatch
     elif change == "dir_order":
         args.update(dirs=dirs[::-1])
     elif change == "version":
-        monkeypatch.setattr(ssd_io, "FORMAT_VERSION", ssd_io.FORMAT_VERSION + 1)
+        monkeypatch.setattr(file_format, "FORMAT_VERSION", file_format.FORMAT_VERSION + 1)
     elif change == "header":
         flip_byte(paths[0], 100)  # one file's header: the whole tier goes
     elif change == "identity":

@@ -1,9 +1,11 @@
 """The SSD store's batches (`store.py`): a batch's bookkeeping, how its blocks become vectored ops, the
 scratch buffers reads land in, the checks of a request's arguments (raw offsets follow from them), and
-the group commit that persists the records of finished writes."""
+the group commit that persists the records of finished writes, and a batch's end (`BatchCompletion`:
+counted, its records published, its future answered)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -11,7 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dynamo_flexkv.storage.ssd.engines import ALIGN, IOV_MAX, IoOp, SsdFile, aligned_buffer, xxh
+from dynamo_flexkv.storage.backend import IoResult
+from dynamo_flexkv.storage.ssd.engines import IOV_MAX, IoOp
+from dynamo_flexkv.storage.ssd.file_format import ALIGN, SsdFile, aligned_buffer, xxh
+
+logger = logging.getLogger(__name__)
 
 MAX_OP_BYTES = 8 << 20  # bytes per vectored syscall (adjacent slots are coalesced up to this)
 RECORD_FLUSH_DELAY_S = 0.05  # group-commit window of the record flusher
@@ -170,3 +176,75 @@ class GroupCommit:
                     return
                 self._pending = False
             self._flush()
+
+
+class BatchCompletion:
+    """The end of a batch's life in `SsdBlockStore` (mixed into it; uses its slots, records, stats and
+    lock): counted, a write's records published, the future answered once."""
+
+    def _finalize(self, batch: Batch) -> None:
+        """Complete the batch's future, once: when its last op reports, or at its deadline."""
+        with batch.lock:
+            if batch.done:
+                return
+            batch.done = True
+        try:
+            if batch.write:
+                self._commit_write(batch)
+        except BaseException as exc:  # noqa: BLE001
+            logger.exception("%s: batch %d: finalize failed", self.name, batch.id)
+            batch.errors.append(repr(exc))
+            batch.ok = [False] * len(batch.ok)
+        n_ok = sum(batch.ok)
+        n_bad = len(batch.ok) - n_ok
+        with self._lock:
+            if batch.errors and not batch.write:
+                self._drop_unread(batch)
+            st = self.stats
+            if batch.write:
+                st.blocks_written += n_ok
+                st.bytes_written += n_ok * self.slot_bytes
+                st.write_failed_blocks += n_bad
+            else:
+                st.blocks_read += n_ok
+                st.bytes_read += n_ok * self.slot_bytes
+                st.read_failed_blocks += n_bad
+        if batch.errors:
+            logger.error("%s: %s batch %d: %d/%d blocks failed: %s", self.name,
+                         "write" if batch.write else "read", batch.id, n_bad, len(batch.ok),
+                         "; ".join(batch.errors[:3]))
+        batch.future.set_result(IoResult(batch.ok, n_ok * self.slot_bytes))
+        with self._lock:
+            self._pending.pop(batch.id, None)
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def _drop_unread(self, batch: Batch) -> None:
+        """A block the disk failed (or hung) to read may be damaged: forget it (the caller's index
+        drops it too, as for every failed read). Holds the lock."""
+        for i, s in enumerate(batch.ssd_slots):
+            if not batch.ok[i] and self._keys[s] == batch.keys[i] and self._gens[s] == batch.gens[i]:
+                self._keys[s] = None
+                self._gens[s] += 1
+                self._set_record(s, None)
+
+    def _commit_write(self, batch: Batch) -> None:
+        """Data is on disk: publish the records in memory; the flusher persists them."""
+        if not self._check_files():
+            batch.errors.append(self.degraded_reason or "store disabled")
+            batch.ok = [False] * len(batch.ok)
+            return
+        with self._lock:
+            for i, s in enumerate(batch.ssd_slots):
+                if not batch.ok[i]:
+                    continue
+                if self._gens[s] != batch.gens[i]:
+                    batch.ok[i] = False  # superseded by a later write/invalidate of this slot
+                    continue
+                seq = self._seq
+                self._seq += 1
+                self._keys[s], self._sums[s], self._seqs[s] = batch.keys[i], batch.sums[i], seq
+                self._parents[s], self._tokens[s] = batch.parents[i], batch.tokens[i]
+                self._set_record(s, batch.keys[i], batch.sums[i], seq, batch.parents[i], batch.tokens[i])
+        self._records.commit()

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dynamo_flexkv.storage.private_files import open_private
-from dynamo_flexkv.storage.ssd.engines import ALIGN, IoOp, aligned_buffer, run_sync
+from dynamo_flexkv.storage.ssd.engines import IoOp, run_sync
+from dynamo_flexkv.storage.ssd.file_format import ALIGN, aligned_buffer
 
 if TYPE_CHECKING:
     from dynamo_flexkv.storage.ssd.store import SsdBlockStore

@@ -2,7 +2,7 @@
 
 SSD slot `s` lives in file `s % n_dirs` at index `s // n_dirs`, so consecutive slots stripe across
 the directories; the files are named from a hash of the caller's identity (model/layout), and each
-header repeats the identity and layout. The on-disk format and the I/O engines are in engines.py. Each
+header repeats the identity and layout. The on-disk format is in file_format.py, the I/O engines in engines.py. Each
 slot has a metadata record: the caller's block key, the xxh3-64 of the block's data, a write sequence,
 and optionally the block's parent key and token ids (so a restarted worker can rebuild its chains and
 announce what it found on disk; see `recover_blocks`).
@@ -48,6 +48,7 @@ from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock, TierIOStats
 from dynamo_flexkv.storage.private_files import ForeignFileError
 from dynamo_flexkv.storage.ssd.batches import (
     Batch,
+    BatchCompletion,
     GroupCommit,
     ScratchBuffers,
     as_ints,
@@ -58,17 +59,8 @@ from dynamo_flexkv.storage.ssd.batches import (
 )
 from dynamo_flexkv.storage.ssd.recovery import GiveUp, Recovery
 from dynamo_flexkv.storage.ssd.seats import canonical_identity, reclaim_dead_files
-from dynamo_flexkv.storage.ssd.engines import (
-    ALIGN,
-    MAX_KEY_BYTES,
-    FaultInjector,
-    IoOp,
-    SsdFile,
-    build_header,
-    make_engine,
-    record_bytes_for,
-    xxh,
-)
+from dynamo_flexkv.storage.ssd.engines import FaultInjector, IoOp, make_engine
+from dynamo_flexkv.storage.ssd.file_format import ALIGN, MAX_KEY_BYTES, SsdFile, build_header, record_bytes_for, xxh
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +73,7 @@ class SsdStats(TierIOStats):
     recoveries: int = 0  # times the tier came back by itself after a fault
 
 
-class SsdBlockStore:
+class SsdBlockStore(BatchCompletion):
     """Fixed-size block slots on local disks with per-block checksums and warm restart.
 
     Slot allocation is the caller's (the index's): it names the SSD slot of every block. All methods
@@ -563,73 +555,6 @@ class SsdBlockStore:
             f, local = self._locate(s)
             logger.warning("%s: checksum mismatch in slot %d (%s block %d, key %s): treated as a miss",
                            self.name, s, f.path, local, batch.keys[i].hex())
-
-    def _finalize(self, batch: Batch) -> None:
-        """Complete the batch's future, once: when its last op reports, or at its deadline."""
-        with batch.lock:
-            if batch.done:
-                return
-            batch.done = True
-        try:
-            if batch.write:
-                self._commit_write(batch)
-        except BaseException as exc:  # noqa: BLE001
-            logger.exception("%s: batch %d: finalize failed", self.name, batch.id)
-            batch.errors.append(repr(exc))
-            batch.ok = [False] * len(batch.ok)
-        n_ok = sum(batch.ok)
-        n_bad = len(batch.ok) - n_ok
-        with self._lock:
-            if batch.errors and not batch.write:
-                self._drop_unread(batch)
-            st = self.stats
-            if batch.write:
-                st.blocks_written += n_ok
-                st.bytes_written += n_ok * self.slot_bytes
-                st.write_failed_blocks += n_bad
-            else:
-                st.blocks_read += n_ok
-                st.bytes_read += n_ok * self.slot_bytes
-                st.read_failed_blocks += n_bad
-        if batch.errors:
-            logger.error("%s: %s batch %d: %d/%d blocks failed: %s", self.name,
-                         "write" if batch.write else "read", batch.id, n_bad, len(batch.ok),
-                         "; ".join(batch.errors[:3]))
-        batch.future.set_result(IoResult(batch.ok, n_ok * self.slot_bytes))
-        with self._lock:
-            self._pending.pop(batch.id, None)
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.notify_all()
-
-    def _drop_unread(self, batch: Batch) -> None:
-        """A block the disk failed (or hung) to read may be damaged: forget it (the caller's index
-        drops it too, as for every failed read). Holds the lock."""
-        for i, s in enumerate(batch.ssd_slots):
-            if not batch.ok[i] and self._keys[s] == batch.keys[i] and self._gens[s] == batch.gens[i]:
-                self._keys[s] = None
-                self._gens[s] += 1
-                self._set_record(s, None)
-
-    def _commit_write(self, batch: Batch) -> None:
-        """Data is on disk: publish the records in memory; the flusher persists them."""
-        if not self._check_files():
-            batch.errors.append(self.degraded_reason or "store disabled")
-            batch.ok = [False] * len(batch.ok)
-            return
-        with self._lock:
-            for i, s in enumerate(batch.ssd_slots):
-                if not batch.ok[i]:
-                    continue
-                if self._gens[s] != batch.gens[i]:
-                    batch.ok[i] = False  # superseded by a later write/invalidate of this slot
-                    continue
-                seq = self._seq
-                self._seq += 1
-                self._keys[s], self._sums[s], self._seqs[s] = batch.keys[i], batch.sums[i], seq
-                self._parents[s], self._tokens[s] = batch.parents[i], batch.tokens[i]
-                self._set_record(s, batch.keys[i], batch.sums[i], seq, batch.parents[i], batch.tokens[i])
-        self._records.commit()
 
     def flush(self) -> bool:
         """Write all dirty metadata pages now. False (store degraded, one log line) on failure."""

@@ -15,7 +15,7 @@ from typing import Any
 from dynamo_flexkv.storage.backend import IoResult, RecoveredBlock, completed
 from dynamo_flexkv.storage.ssd.store import SsdBlockStore
 from dynamo_flexkv.storage.ssd.seats import claim_seat
-from dynamo_flexkv.storage.ssd.engines import MAX_TOKENS_PER_BLOCK
+from dynamo_flexkv.storage.ssd.file_format import MAX_TOKENS_PER_BLOCK
 
 
 class SsdTier:
