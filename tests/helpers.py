@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 from pathlib import Path
 
 from dynamo_flexkv.devtools.harness import EngineHost
@@ -57,3 +58,13 @@ def exposed_metric_names(metrics_text: str) -> set[str]:
         if kind == "counter" and not name.endswith("_total"):
             names.add(f"{name}_total")
     return names
+
+
+def wait_until(predicate, timeout_s: float, what: str = "the condition"):
+    """Poll `predicate` until it returns something truthy, and return that; AssertionError after
+    `timeout_s`. For state a background thread changes with no future to wait on."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g}s waiting for {what}"
+        time.sleep(0.01)
+    return value

@@ -47,7 +47,7 @@ import pytest
 
 from dynamo_flexkv.devtools.harness import EngineError, EngineHost
 from tests.faults.blockfs import mounted
-from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
+from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -118,13 +118,6 @@ def data_written(dirs: list[Path]) -> bool:
             if any(fh.read()):
                 return True
     return False
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 def test_sigkill_mid_batch_then_restart(tiny_model, reference, prompts, expected, tmp_path, clean_shm):

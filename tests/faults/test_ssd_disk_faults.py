@@ -14,6 +14,7 @@ import torch
 
 from dynamo_flexkv.storage.ssd.store import SsdBlockStore
 from tests.faults.blockfs import mounted
+from tests.helpers import wait_until
 
 SLOT = 16 * 1024
 IDENT = {"model": "tiny-llama", "layers": 4}
@@ -43,15 +44,6 @@ def keys(slots):
 def open_store(disk) -> SsdBlockStore:
     return SsdBlockStore([str(disk.mountpoint)], 8 * SLOT, SLOT, IDENT, io_threads=2,
                          io_timeout_s=IO_TIMEOUT_S)
-
-
-def wait_until(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def io_threads_alive() -> list[str]:

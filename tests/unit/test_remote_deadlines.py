@@ -15,6 +15,7 @@ import torch
 from dynamo_flexkv.config import FlexKVSettings
 from dynamo_flexkv.storage.remote.base import RemoteTier
 from dynamo_flexkv.storage.remote.deadlines import DeadlineCalls
+from tests.helpers import wait_until
 
 TIMEOUT_S = 0.2
 WAIT_S = 10  # a generous bound on what must happen within TIMEOUT_S
@@ -93,18 +94,11 @@ def open_blocking() -> BlockingStore:
     return tier
 
 
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
 def test_a_stalled_store_degrades_at_the_deadline_and_a_probe_brings_it_back():
     tier = open_blocking()
     pool = torch.randint(0, 256, (4, 1024), dtype=torch.uint8)
     try:
-        wait_until(lambda: tier.healthy, "connected")
+        wait_until(lambda: tier.healthy, WAIT_S, "connected")
         assert tier.write(pool, [0], [0], [b"k0"]).result(timeout=WAIT_S).ok == [True]
         tier.gate.clear()  # the store stalls
         read = tier.read(pool, [0], [1], [b"k0"]).result(timeout=WAIT_S)
@@ -113,7 +107,7 @@ def test_a_stalled_store_degrades_at_the_deadline_and_a_probe_brings_it_back():
         assert tier.lookup([b"k0"]).result(timeout=WAIT_S) == [False]  # degraded: answered at once
         tier.gate.set()  # the store answers again: the late read returns, the probe succeeds
         read.unsettled.result(timeout=WAIT_S)
-        wait_until(lambda: tier.healthy, "serving again")
+        wait_until(lambda: tier.healthy, WAIT_S, "serving again")
         assert tier.read(pool, [0], [2], [b"k0"]).result(timeout=WAIT_S).ok == [True]
         assert torch.equal(pool[2], pool[0]) and tier.stats.blocks_read == 1  # the late answer was not counted
     finally:
@@ -130,7 +124,7 @@ def test_a_store_that_never_answers_at_start_up_is_degraded_or_refused_in_bounde
         try:
             assert not tier.healthy and tier.stats.started_degraded == 1 and "did not answer" in tier.degraded_reason
             tier.gate.set()
-            wait_until(lambda: tier.healthy, "connected in the background")
+            wait_until(lambda: tier.healthy, WAIT_S, "connected in the background")
         finally:
             tier.close()
     else:

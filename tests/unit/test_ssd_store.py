@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from dynamo_flexkv.storage.ssd import file_format
 from dynamo_flexkv.storage.ssd.store import IoResult, SsdBlockStore
 from dynamo_flexkv.storage.ssd.engines import uring_available
 from dynamo_flexkv.storage.ssd.file_format import ALIGN, HEADER_BYTES, RECORD_BYTES
+from tests.helpers import wait_until
 
 SLOT = 16 * 1024
 TIMEOUT = 30
@@ -499,16 +499,6 @@ def test_parents_and_tokens_survive_a_restart(dirs, make_pool):
         assert st.recover() == []  # another record layout: the tier is wiped, never misread
 
 
-def wait_for(predicate, timeout_s: float = TIMEOUT) -> bool:
-    """Poll `predicate` (recovery runs on its own thread and has no future to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_disk_that_recovers_brings_the_tier_back(dirs, make_pool, engine, caplog):
     failing = threading.Event()
@@ -527,10 +517,10 @@ def test_a_disk_that_recovers_brings_the_tier_back(dirs, make_pool, engine, capl
         failing.set()
         assert st.read_blocks(pool, [0, 1], [8, 9], keys_for([0, 1])).result(TIMEOUT).ok == [False, False]
         assert not st.healthy and not st.writable
-        assert wait_for(lambda: len(probes) >= 2)  # probing, and failing while the disk fails
+        assert wait_until(lambda: len(probes) >= 2, TIMEOUT)  # probing, and failing while the disk fails
         assert not st.healthy and st.write_blocks(pool, [4], [4], [b"x"]).result(TIMEOUT).ok == [False]
         failing.clear()
-        assert wait_for(lambda: st.healthy)
+        assert wait_until(lambda: st.healthy, TIMEOUT)
         assert st.writable and st.degraded_reason is None and st.stats.recoveries == 1
         # Blocks whose read failed were dropped; the others are still served, verified.
         assert [k for k, _ in st.recover()] == keys_for([2, 3])
