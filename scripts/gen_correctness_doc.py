@@ -66,6 +66,11 @@ GPU_RUNS = (
            "python3 benchmarks/e2e_gpu.py --table all --parts correctness,ttft --reps 7 "
            "--configs recompute,flexkv-layerwise,flexkv-async,vllm-offloading",
            "docs/results/e2e_gpu-all-eager.json"),
+    GpuRun("plain model", "tiny model under cache pressure, both model runners, layer-wise and async loads: "
+           "the no-connector engine's tokens on 8/8 prompts asked again and 8/8 under pressure (H100, "
+           "the layout's moved tree)",
+           "python3 benchmarks/e2e_gpu.py --table smoke --out smoke.json",
+           "docs/results/e2e_gpu-smoke-h100-layout-moves.json"),
     GpuRun("MLA model", "identical to vLLM's OffloadingConnector on 16/16 prompts (DeepSeek-V2-Lite attention shape)",
            "python3 benchmarks/e2e_gpu.py --table all --model mla --parts correctness,ttft "
            "--configs recompute,flexkv-layerwise,vllm-offloading",
