@@ -24,7 +24,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 PYTHON = sys.executable
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: devtools run from one (tests, demo, recipes)
 TINY_MODEL = Path(os.environ.get("DYNAMO_FLEXKV_MODEL_DIR", REPO / ".cache" / "tiny-llama"))
 # The demo's model (tiny_model.DEMO): prefill dominates a request, so a KV cache has something to save.
 DEMO_MODEL = Path(os.environ.get("DYNAMO_FLEXKV_DEMO_MODEL_DIR", REPO / ".cache" / "demo-llama"))
