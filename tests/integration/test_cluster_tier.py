@@ -29,7 +29,7 @@ from dynamo_flexkv.devtools.harness import EngineError, EngineHost
 from dynamo_flexkv.devtools.processes import free_port
 from dynamo_flexkv.storage.backend import open_backend
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, push_out_of_gpu_cache, random_prompt
-from tests.servers import mooncake_cluster, mooncake_master, redis_cluster
+from tests.servers import mooncake_cluster, mooncake_master
 
 pytestmark = pytest.mark.engine
 
@@ -42,12 +42,6 @@ DEADLINE_S = 180
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with mooncake_cluster(tmp_path_factory.mktemp("cluster"), nodes=2) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def redis_store(tmp_path_factory):
-    with redis_cluster(tmp_path_factory.mktemp("redis"), nodes=2) as running:
         yield running
 
 

@@ -22,7 +22,7 @@ import pytest
 from dynamo_flexkv.devtools.harness import EngineHost
 from dynamo_flexkv.devtools.tiny_model import SEED, TINY, build
 from tests.helpers import BLOCK, COMPAT_CONFIG, ENGINE, random_prompt
-from tests.servers import redis_cluster
+
 
 pytestmark = pytest.mark.engine
 
@@ -30,12 +30,6 @@ BLOCK_BYTES = 2 * 2 * BLOCK * 128 * 2
 CPU_GB = str(12 * BLOCK_BYTES / 2**30)
 SSD_GB = str(400 * BLOCK_BYTES / 2**30)
 PROMPT_BLOCKS = 4
-
-
-@pytest.fixture(scope="module")
-def redis_store(tmp_path_factory):
-    with redis_cluster(tmp_path_factory.mktemp("redis"), nodes=2) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
